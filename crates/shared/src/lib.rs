@@ -1,0 +1,28 @@
+//! walkv-shared: the wire contract between walkv's three processes.
+//!
+//! walkv is a durable replicated key-value store: one **frontend** coordinates, any number
+//! of **storage** nodes keep full copies in a JSON write-ahead log (WAL), and **clients**
+//! talk only to the frontend. This crate holds only what those processes must agree on,
+//! and no business logic or IO (compare tarpc's `example-service`):
+//!
+//! - [`types`]: newtypes (`Seq`, `Epoch`, `NodeId`) and the data carried by requests.
+//! - [`record`]: the replicated log entry and its one-JSON-line-with-checksum encoding.
+//! - [`error`]: `KvError`, the typed error every RPC returns.
+//! - [`rpc`]: the three tarpc services: `Frontend` (client → frontend), `Registry`
+//!   (storage → frontend) and `Storage` (frontend → storage).
+//! - [`transport`]: connect/listen helpers with explicit frame limits and deadlines.
+//! - [`telemetry`]: the tracing subscriber every `main` installs.
+//! - [`shutdown`]: the SIGINT/SIGTERM future every `main` passes to `run`.
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod record;
+pub mod rpc;
+pub mod shutdown;
+pub mod telemetry;
+pub mod transport;
+pub mod types;
+
+pub use error::KvError;
+pub use record::{Op, Record};
+pub use types::{Epoch, NodeId, Seq};

@@ -1,0 +1,225 @@
+//! The three tarpc services.
+//!
+//! - [`Frontend`]: clients → frontend (`client_listen`, default 127.0.0.1:7000).
+//! - [`Registry`]: storage nodes → frontend (`storage_listen`, default 127.0.0.1:7001):
+//!   register and heartbeat.
+//! - [`Storage`]: frontend → storage node (`--listen`): replication, reads, catch-up.
+//!
+//! Every `Registry` and `Storage` call carries the cluster token; a node refuses
+//! replication from anyone without it, and from an epoch older than the highest it has seen.
+
+use crate::error::KvError;
+use crate::record::Record;
+use crate::types::*;
+use serde::{Deserialize, Serialize};
+
+/// Client → frontend.
+#[tarpc::service]
+pub trait Frontend {
+    /// Liveness check; returns the frontend's epoch.
+    async fn ping() -> Epoch;
+    /// Linearizable read of one key.
+    async fn get(client: String, key: String) -> Result<Versioned, KvError>;
+    /// A put / delete / cas; at most once per `(client, op_no)`.
+    async fn write(req: WriteRequest) -> Result<WriteResult, KvError>;
+    /// Linearizable scan of keys starting with `prefix`, in key order, at most `limit`.
+    async fn scan(client: String, prefix: String, limit: u32) -> Result<Vec<KeyValue>, KvError>;
+    /// Cluster status.
+    async fn status() -> ClusterStatus;
+    /// Retires a node for good: it leaves the in-sync set and status, and may not register again.
+    async fn remove_node(id: NodeId) -> Result<(), KvError>;
+}
+
+/// Storage → frontend: a node announces itself after recovery, then heartbeats.
+#[tarpc::service]
+pub trait Registry {
+    /// Registers (or re-registers) a node. Refused with `Unauthorized` for a wrong token,
+    /// a removed id, or an id that is live in another process.
+    async fn register(req: RegisterRequest) -> Result<RegisterReply, KvError>;
+    /// Periodic liveness signal.
+    async fn heartbeat(req: HeartbeatRequest) -> Result<HeartbeatReply, KvError>;
+}
+
+/// Frontend → storage node.
+#[tarpc::service]
+pub trait Storage {
+    /// Who this process is and where its log ends. Used to tell a live duplicate id from
+    /// a restarted node.
+    async fn identity(token: String) -> Result<NodeIdentity, KvError>;
+    /// Appends records (WAL write + fsync + apply) and returns each record's outcome.
+    /// Records at or below the node's last seq are skipped; a gap is refused.
+    async fn append(token: String, req: AppendRequest) -> Result<Vec<Outcome>, KvError>;
+    /// Reads a key once the node has applied at least `min_seq`.
+    async fn read(token: String, key: String, min_seq: Seq) -> Result<ReadReply, KvError>;
+    /// Scans a prefix once the node has applied at least `min_seq`.
+    async fn scan(token: String, prefix: String, limit: u32, min_seq: Seq) -> Result<ScanReply, KvError>;
+    /// Drops every record after `after` (a divergent tail) and returns the new log end.
+    async fn truncate(token: String, epoch: Epoch, after: Seq) -> Result<LogPosition, KvError>;
+    /// Up to `max` records starting at `from`, or `SnapshotNeeded` when they were compacted.
+    async fn fetch(token: String, from: Seq, max: u32) -> Result<FetchReply, KvError>;
+    /// One page of the node's latest snapshot at `snapshot_seq`, keys after `after_key`.
+    async fn snapshot_page(token: String, snapshot_seq: Seq, after_key: Option<String>, max: u32) -> Result<SnapshotPage, KvError>;
+    /// Receives one chunk of a snapshot; the last chunk replaces the node's state and log.
+    async fn install_snapshot(token: String, epoch: Epoch, chunk: SnapshotChunk) -> Result<LogPosition, KvError>;
+    /// A digest of the node's logical content, to check convergence.
+    async fn digest(token: String) -> Result<Digest, KvError>;
+}
+
+/// A node's registration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// Cluster token from config.
+    pub token: String,
+    /// Node id.
+    pub id: NodeId,
+    /// Address the frontend should dial (`--advertise`, default `--listen`).
+    pub addr: String,
+    /// Random number chosen at process start: tells a restart from a duplicate.
+    pub instance: u64,
+    /// Where the node's log ends after recovery.
+    pub pos: LogPosition,
+    /// Seq covered by the node's newest snapshot.
+    pub snapshot_seq: Seq,
+}
+
+/// The frontend's answer to a registration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RegisterReply {
+    /// Session number to quote in heartbeats.
+    pub session: u64,
+    /// The frontend's epoch.
+    pub epoch: Epoch,
+}
+
+/// A heartbeat.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    /// Cluster token.
+    pub token: String,
+    /// Node id.
+    pub id: NodeId,
+    /// Session from [`RegisterReply`].
+    pub session: u64,
+    /// Last seq the node has applied.
+    pub applied: Seq,
+}
+
+/// The frontend's answer to a heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HeartbeatReply {
+    /// The session is current.
+    Ok,
+    /// The frontend no longer knows this session (it restarted, or removed the node from
+    /// the in-sync set): register again.
+    Reregister,
+}
+
+/// A storage process's identity.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeIdentity {
+    /// Node id.
+    pub id: NodeId,
+    /// Per-process random number.
+    pub instance: u64,
+    /// Where the log ends.
+    pub pos: LogPosition,
+}
+
+/// A batch of records to append.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AppendRequest {
+    /// The sender's epoch; refused when lower than the highest the node has seen.
+    pub epoch: Epoch,
+    /// The frontend's commit index, so the node can forget delete tombstones below it.
+    pub commit_seq: Seq,
+    /// Consecutive records.
+    pub records: Vec<Record>,
+}
+
+/// The answer to a read.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReadReply {
+    /// The value, if the key exists.
+    pub value: Option<Versioned>,
+    /// Seq of the newest record that touched the key as far as the node knows (the
+    /// value's version, or a delete's seq, or 0). The frontend answers only once this is
+    /// committed, so a read never exposes an uncommitted write or delete.
+    pub last_touch: Seq,
+}
+
+/// The answer to a scan.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ScanReply {
+    /// Matching keys in order.
+    pub items: Vec<KeyValue>,
+    /// The node's applied seq when it scanned; the frontend waits for it to commit.
+    pub applied: Seq,
+}
+
+/// Records for catch-up, or the news that they were compacted into a snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum FetchReply {
+    /// Consecutive records starting at the requested seq (empty when there are none).
+    Records(Vec<Record>),
+    /// The requested seq is covered by the snapshot at `snapshot_seq`; transfer it first.
+    SnapshotNeeded {
+        /// Seq the snapshot covers.
+        snapshot_seq: Seq,
+        /// Number of keys in it.
+        keys: u64,
+    },
+}
+
+/// One entry of the exactly-once table: the last op applied for a client and its outcome.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientEntry {
+    /// Client id.
+    pub client: String,
+    /// Last op number applied.
+    pub op_no: u64,
+    /// Its outcome, returned again for a retry.
+    pub outcome: Outcome,
+}
+
+/// A page read from a snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotPage {
+    /// Seq the snapshot covers.
+    pub seq: Seq,
+    /// Epoch of the record at `seq`.
+    pub epoch: Epoch,
+    /// Keys in order.
+    pub items: Vec<KeyValue>,
+    /// The exactly-once table, on the first page only (`after_key == None`).
+    pub clients: Vec<ClientEntry>,
+    /// No keys after this page.
+    pub done: bool,
+}
+
+/// A chunk of a snapshot being installed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    /// Seq the snapshot covers.
+    pub seq: Seq,
+    /// Epoch of the record at `seq`.
+    pub epoch: Epoch,
+    /// First chunk: discard any partial install.
+    pub first: bool,
+    /// Last chunk: persist and switch over.
+    pub last: bool,
+    /// Keys.
+    pub items: Vec<KeyValue>,
+    /// Exactly-once entries.
+    pub clients: Vec<ClientEntry>,
+}
+
+/// A summary of a node's logical content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Digest {
+    /// Where the log ends.
+    pub pos: LogPosition,
+    /// Number of keys.
+    pub keys: u64,
+    /// Hash over every (key, value, version) in key order and the exactly-once table.
+    pub hash: u64,
+}

@@ -1,0 +1,10 @@
+//! Tracing setup. Only `main` functions call [`init`].
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs a stderr subscriber filtered by `RUST_LOG` (default `info`).
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // A second init (tests running several nodes in-process) is harmless, so ignore it.
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
