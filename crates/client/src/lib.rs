@@ -1,1 +1,205 @@
-//! placeholder
+//! walkv-client: the library every walkv client uses, and the `client` CLI built on it.
+//!
+//! A [`Client`] holds one tarpc connection to the frontend (`Frontend` service, default
+//! 127.0.0.1:7000). Every write carries the client id and an operation number; a write that
+//! fails with a retryable error (`Unavailable`, `Timeout`, lost connection) is retried with
+//! the **same** op number, with capped backoff, until `retry_deadline`. The frontend applies
+//! a `(client, op_no)` at most once, so a retry never applies a write twice.
+//!
+//! # Op numbers
+//!
+//! Op numbers must increase for a client id, also across separate `client` invocations with
+//! the same `--id`. They are derived from the wall clock in microseconds (and +1 past the
+//! previous one), so a new process continues above the last one. Two processes using the
+//! same id **at the same time** are not supported: their op numbers interleave and one's
+//! writes may be refused as stale.
+//!
+//! # Unknown outcomes
+//!
+//! When retries are exhausted and some attempt may have reached the frontend (a timeout or
+//! a connection lost mid-request), a write returns `KvError::Timeout`: it may or may not
+//! have committed. `Unavailable` means no attempt could have been applied.
+
+use std::time::Duration;
+use tarpc::client::Config as RpcConfig;
+use walkv_shared::rpc::FrontendClient;
+use walkv_shared::transport::{connect, context_with_timeout, unix_micros};
+use walkv_shared::types::{ClusterStatus, KeyValue, NodeId, Versioned, WriteOp, WriteRequest};
+use walkv_shared::{KvError, Seq};
+
+pub mod config;
+
+pub use config::ClientConfig;
+
+/// First retry delay; doubles up to [`RETRY_BACKOFF_MAX`].
+const RETRY_BACKOFF_START: Duration = Duration::from_millis(20);
+/// Cap on the retry delay, so a client notices a recovered cluster within a second.
+const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(1000);
+
+/// A connection to the frontend on behalf of one client id.
+pub struct Client {
+    id: String,
+    config: ClientConfig,
+    rpc: Option<FrontendClient>,
+    last_op_no: u64,
+}
+
+/// Whether a failed attempt could have been applied by the cluster.
+fn attempt_is_ambiguous(e: &KvError) -> bool {
+    match e {
+        KvError::Timeout(_) => true,
+        // The frontend itself answers Unavailable only before queueing the write; a closed
+        // or failed connection is mapped to Unavailable too but may have carried the write.
+        KvError::Unavailable(why) => why.starts_with("rpc failed") || why.starts_with("connection closed"),
+        _ => false,
+    }
+}
+
+impl Client {
+    /// Creates a client `id` for the frontend named in `config`. The connection is made
+    /// on first use (and re-made after failures), so a client started while the frontend
+    /// restarts simply retries; an unreachable frontend surfaces as `Unavailable`.
+    pub async fn connect(id: impl Into<String>, config: ClientConfig) -> Result<Client, KvError> {
+        let id = id.into();
+        if id.is_empty() {
+            return Err(KvError::InvalidInput("client id must not be empty".into()));
+        }
+        let mut client = Client { id, config, rpc: None, last_op_no: unix_micros() };
+        // A first attempt now reports a bad address early; failure is not fatal here.
+        if let Err(e) = client.rpc().await {
+            tracing::debug!(error = %e, "frontend not reachable yet; will retry on first request");
+        }
+        Ok(client)
+    }
+
+    /// The client id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    async fn rpc(&mut self) -> Result<FrontendClient, KvError> {
+        if let Some(c) = &self.rpc {
+            return Ok(c.clone());
+        }
+        let transport = connect(&self.config.frontend, self.config.connect_timeout(), self.config.max_frame_bytes as usize)
+            .await
+            .map_err(|e| KvError::Unavailable(format!("cannot connect to frontend {}: {e}", self.config.frontend)))?;
+        // The detached dispatch task ends when the transport closes or the client is dropped.
+        let client = FrontendClient::new(RpcConfig::default(), transport).spawn();
+        self.rpc = Some(client.clone());
+        Ok(client)
+    }
+
+    fn next_op_no(&mut self) -> u64 {
+        self.last_op_no = (self.last_op_no + 1).max(unix_micros());
+        self.last_op_no
+    }
+
+    /// Runs `call` until it succeeds, fails deterministically, or the retry deadline passes.
+    /// Returns the final error with `ambiguous` set when any attempt might have been applied.
+    async fn with_retries<T, F, Fut>(&mut self, mut call: F) -> Result<T, (KvError, bool)>
+    where
+        F: FnMut(FrontendClient, tarpc::context::Context) -> Fut,
+        Fut: std::future::Future<Output = Result<Result<T, KvError>, tarpc::client::RpcError>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.config.retry_deadline();
+        let mut backoff = RETRY_BACKOFF_START;
+        let mut ambiguous = false;
+        loop {
+            let result = match self.rpc().await {
+                Ok(rpc) => match call(rpc, context_with_timeout(self.config.request_timeout())).await {
+                    Ok(inner) => inner,
+                    Err(rpc_err) => {
+                        // The connection may be broken: reconnect on the next attempt.
+                        self.rpc = None;
+                        Err(KvError::from(rpc_err))
+                    }
+                },
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_retryable() => {
+                    ambiguous |= attempt_is_ambiguous(&e);
+                    if tokio::time::Instant::now() + backoff > deadline {
+                        return Err((e, ambiguous));
+                    }
+                    tracing::debug!(error = %e, "retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                }
+                Err(e) => return Err((e, ambiguous)),
+            }
+        }
+    }
+
+    async fn write(&mut self, op: WriteOp) -> Result<Seq, KvError> {
+        let req = WriteRequest { client: self.id.clone(), op_no: self.next_op_no(), op };
+        self.with_retries(|rpc, ctx| {
+            let req = req.clone();
+            async move { rpc.write(ctx, req).await }
+        })
+        .await
+        .map(|r| r.version)
+        .map_err(|(e, ambiguous)| match e {
+            KvError::Unavailable(why) if ambiguous => {
+                KvError::Timeout(format!("gave up retrying; the write may or may not have committed ({why})"))
+            }
+            other => other,
+        })
+    }
+
+    /// Sets `key` to `value`; returns the version it committed at.
+    pub async fn put(&mut self, key: &str, value: &str) -> Result<Seq, KvError> {
+        self.write(WriteOp::Put { key: key.into(), value: value.into() }).await
+    }
+
+    /// Deletes `key`; `NotFound` when it does not exist.
+    pub async fn delete(&mut self, key: &str) -> Result<Seq, KvError> {
+        self.write(WriteOp::Delete { key: key.into() }).await
+    }
+
+    /// Sets `key` to `value` if its version is `expected` (0: the key must not exist).
+    pub async fn cas(&mut self, key: &str, expected: Seq, value: &str) -> Result<Seq, KvError> {
+        self.write(WriteOp::Cas { key: key.into(), expected, value: value.into() }).await
+    }
+
+    /// Reads `key` (linearizable).
+    pub async fn get(&mut self, key: &str) -> Result<Versioned, KvError> {
+        let (id, key) = (self.id.clone(), key.to_string());
+        self.with_retries(|rpc, ctx| {
+            let (id, key) = (id.clone(), key.clone());
+            async move { rpc.get(ctx, id, key).await }
+        })
+        .await
+        .map_err(|(e, _)| e)
+    }
+
+    /// Keys starting with `prefix`, in key order, at most `limit`.
+    pub async fn scan(&mut self, prefix: &str, limit: u32) -> Result<Vec<KeyValue>, KvError> {
+        let (id, prefix) = (self.id.clone(), prefix.to_string());
+        self.with_retries(|rpc, ctx| {
+            let (id, prefix) = (id.clone(), prefix.clone());
+            async move { rpc.scan(ctx, id, prefix, limit).await }
+        })
+        .await
+        .map_err(|(e, _)| e)
+    }
+
+    /// The cluster's status (one attempt: status should show the present, not wait).
+    pub async fn status(&mut self) -> Result<ClusterStatus, KvError> {
+        let rpc = self.rpc().await?;
+        rpc.status(context_with_timeout(self.config.request_timeout())).await.map_err(KvError::from)
+    }
+
+    /// Retires node `id` for good.
+    pub async fn remove_node(&mut self, id: &str) -> Result<(), KvError> {
+        let node = NodeId(id.to_string());
+        self.with_retries(|rpc, ctx| {
+            let node = node.clone();
+            async move { rpc.remove_node(ctx, node).await }
+        })
+        .await
+        .map_err(|(e, _)| e)
+    }
+}

@@ -4,7 +4,13 @@ use tracing_subscriber::EnvFilter;
 
 /// Installs a stderr subscriber filtered by `RUST_LOG` (default `info`).
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with_default("info");
+}
+
+/// Like [`init`] with another default level (the CLI client uses `warn`, so its
+/// stderr carries only what a user must see).
+pub fn init_with_default(level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     // A second init (tests running several nodes in-process) is harmless, so ignore it.
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }

@@ -1,0 +1,251 @@
+//! Argument parsing and command execution for the `client` binary.
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use std::path::PathBuf;
+use walkv_client::Client;
+use walkv_shared::types::{ClusterStatus, NodeRole};
+use walkv_shared::{KvError, Seq};
+
+/// Config file read when `--config` is not given and the file exists.
+pub const DEFAULT_CONFIG: &str = "config/client.toml";
+
+/// Help shown by `help` at the prompt.
+pub const REPL_HELP: &str = "commands: put K V | get K | delete K | cas K VERSION V | scan PREFIX [--limit N] | status | admin remove-node ID | quit";
+
+/// walkv command-line client: talks to the frontend only.
+///
+/// Runs one command, or reads commands from the terminal (prompt) or from stdin when no
+/// command is given. Exit codes: 0 success, 1 not found or version mismatch, 2 other errors.
+#[derive(Parser, Debug)]
+#[command(name = "client", version)]
+pub struct Args {
+    /// Client id; together with an op number it makes retried writes apply at most once.
+    #[arg(long)]
+    pub id: String,
+    /// Frontend client address [default: 127.0.0.1:7000, or `frontend` in the config file].
+    #[arg(long)]
+    pub frontend: Option<String>,
+    /// Print results as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Config file [default: config/client.toml when it exists].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// How long to keep retrying an unavailable cluster, in ms (overrides retry_deadline_ms).
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    /// The command; omit it for a prompt (or to read commands from stdin).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// One client command.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Set KEY to VALUE; prints the version it committed at.
+    Put { key: String, value: String },
+    /// Print KEY's value (exit 1 when absent).
+    Get { key: String },
+    /// Delete KEY (exit 1 when absent).
+    Delete { key: String },
+    /// Set KEY to VALUE only if its version is VERSION (0: must not exist); exit 1 on mismatch.
+    Cas { key: String, version: u64, value: String },
+    /// List keys starting with PREFIX, in key order.
+    Scan {
+        prefix: String,
+        /// At most this many keys.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Show the cluster: epoch, commit index, every node's role, applied seq, lag, catch-up.
+    /// Exits 2 when the cluster is unavailable.
+    Status,
+    /// Administrative commands.
+    #[command(subcommand)]
+    Admin(Admin),
+}
+
+/// Administrative commands.
+#[derive(Subcommand, Debug)]
+pub enum Admin {
+    /// Retire node ID for good: it leaves the in-sync set and status and may not rejoin.
+    RemoveNode { id: String },
+}
+
+/// The parser used for prompt/stdin lines: the same subcommands without the global flags.
+#[derive(Parser, Debug)]
+#[command(name = "", no_binary_name = true, disable_help_flag = true, disable_version_flag = true)]
+struct Line {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Parses one prompt line.
+pub fn parse_line(words: &[String]) -> Result<Command, String> {
+    Line::try_parse_from(words).map(|l| l.command).map_err(|e| e.to_string().trim_end().to_string())
+}
+
+/// Splits a line into words; double or single quotes group words, backslash escapes.
+pub fn split_words(line: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut cur: Option<String> = None;
+    let mut quote: Option<char> = None;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), '\\') | (None, '\\') => match chars.next() {
+                Some(n) => cur.get_or_insert_with(String::new).push(n),
+                None => return Err("line ends with a lone backslash".into()),
+            },
+            (Some(_), c) => cur.get_or_insert_with(String::new).push(c),
+            (None, '"' | '\'') => {
+                quote = Some(c);
+                cur.get_or_insert_with(String::new);
+            }
+            (None, c) if c.is_whitespace() => words.extend(cur.take()),
+            (None, c) => cur.get_or_insert_with(String::new).push(c),
+        }
+    }
+    if quote.is_some() {
+        return Err("unterminated quote".into());
+    }
+    words.extend(cur);
+    Ok(words)
+}
+
+/// Exit code for an error: 1 for "not found" and "version mismatch", 2 otherwise.
+pub fn exit_code(e: &KvError) -> i32 {
+    match e {
+        KvError::NotFound | KvError::VersionMismatch { .. } => 1,
+        _ => 2,
+    }
+}
+
+fn fail(e: &KvError, json: bool) -> i32 {
+    if json {
+        let mut obj = json!({"error": e.code(), "message": e.to_string()});
+        if let KvError::VersionMismatch { current } = e {
+            obj["current"] = json!(current.0);
+        }
+        println!("{obj}");
+    }
+    eprintln!("error: {e}");
+    exit_code(e)
+}
+
+fn print_version(version: Seq, json: bool) {
+    if json {
+        println!("{}", json!({"version": version.0}));
+    } else {
+        println!("OK version {version}");
+    }
+}
+
+/// Runs one command and returns its exit code.
+pub async fn execute(client: &mut Client, command: Command, json: bool) -> i32 {
+    let result = match command {
+        Command::Put { key, value } => client.put(&key, &value).await.map(|v| print_version(v, json)),
+        Command::Delete { key } => client.delete(&key).await.map(|v| print_version(v, json)),
+        Command::Cas { key, version, value } => {
+            client.cas(&key, Seq(version), &value).await.map(|v| print_version(v, json))
+        }
+        Command::Get { key } => client.get(&key).await.map(|v| {
+            if json {
+                println!("{}", json!({"key": key, "value": v.value, "version": v.version.0}));
+            } else {
+                println!("{}", v.value);
+            }
+        }),
+        Command::Scan { prefix, limit } => client.scan(&prefix, limit).await.map(|items| {
+            for kv in items {
+                if json {
+                    println!("{}", json!({"key": kv.key, "value": kv.value, "version": kv.version.0}));
+                } else {
+                    println!("{}\t{}\t{}", kv.key, kv.value, kv.version);
+                }
+            }
+        }),
+        Command::Status => {
+            return match client.status().await {
+                Ok(status) => {
+                    print_status(&status, json);
+                    if status.available {
+                        0
+                    } else {
+                        2
+                    }
+                }
+                Err(e) => fail(&e, json),
+            }
+        }
+        Command::Admin(Admin::RemoveNode { id }) => client.remove_node(&id).await.map(|()| {
+            if json {
+                println!("{}", json!({"removed": id}));
+            } else {
+                println!("OK removed {id}");
+            }
+        }),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => fail(&e, json),
+    }
+}
+
+fn print_status(s: &ClusterStatus, json: bool) {
+    if json {
+        // ClusterStatus serialises to plain JSON; it cannot fail.
+        println!("{}", serde_json::to_string(s).unwrap_or_default());
+        return;
+    }
+    println!("epoch {}  commit_seq {}  state {}  min_insync {}", s.epoch, s.commit_seq, s.state, s.min_insync);
+    println!("{:<12} {:<22} {:<12} {:>10} {:>8} {:>10}  catch-up", "node", "addr", "role", "applied", "lag", "heartbeat");
+    for n in &s.nodes {
+        let hb = n.last_heartbeat_ms.map(|ms| format!("{ms}ms ago")).unwrap_or_else(|| "-".into());
+        let progress = match (&n.catch_up, n.role) {
+            (Some(p), NodeRole::CatchingUp) => format!(
+                "{} {}/{} ({:.0}%) {:.0}/s eta {:.1}s",
+                p.phase,
+                p.done,
+                p.total,
+                if p.total == 0 { 100.0 } else { 100.0 * p.done as f64 / p.total as f64 },
+                p.rate_per_sec,
+                p.eta_secs
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "{:<12} {:<22} {:<12} {:>10} {:>8} {:>10}  {}",
+            n.id.0, n.addr, n.role.to_string(), n.applied_seq.0, n.lag, hb, progress
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_handles_quotes_and_escapes() {
+        assert_eq!(split_words(r#"put k "hello world""#).unwrap(), vec!["put", "k", "hello world"]);
+        assert_eq!(split_words(r"put k a\ b").unwrap(), vec!["put", "k", "a b"]);
+        assert_eq!(split_words("put k ''").unwrap(), vec!["put", "k", ""]);
+        assert!(split_words("put k \"open").is_err());
+    }
+
+    #[test]
+    fn lines_parse_like_subcommands() {
+        let words = split_words("cas k 3 v").unwrap();
+        assert!(matches!(parse_line(&words), Ok(Command::Cas { version: 3, .. })));
+        assert!(parse_line(&split_words("frobnicate").unwrap()).is_err());
+    }
+
+    #[test]
+    fn exit_codes_follow_the_contract() {
+        assert_eq!(exit_code(&KvError::NotFound), 1);
+        assert_eq!(exit_code(&KvError::VersionMismatch { current: Seq(3) }), 1);
+        assert_eq!(exit_code(&KvError::Unavailable("x".into())), 2);
+    }
+}

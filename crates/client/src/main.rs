@@ -1,0 +1,120 @@
+//! `client`: the walkv command-line client.
+//!
+//! ```text
+//! ./client --id alice put colour red      # one command
+//! ./client --id alice                     # interactive prompt
+//! printf 'put a 1\nget a\n' | ./client --id alice   # commands from stdin
+//! ```
+//!
+//! Results go to stdout, diagnostics to stderr. Exit codes: 0 success, 1 key not found or
+//! version mismatch, 2 any other error (unavailable, timeout, bad usage). With several
+//! commands (prompt or stdin) the exit code is the highest one seen.
+
+mod cli;
+
+use clap::Parser;
+use std::io::{BufRead, IsTerminal, Write};
+use walkv_client::{Client, ClientConfig};
+
+fn main() {
+    walkv_shared::telemetry::init_with_default("warn");
+    let args = cli::Args::parse();
+    let code = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(run(args)),
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+fn load_config(args: &cli::Args) -> Result<ClientConfig, String> {
+    let mut config = match &args.config {
+        Some(path) => ClientConfig::load(path)?,
+        None => {
+            let default = std::path::Path::new(cli::DEFAULT_CONFIG);
+            if default.exists() {
+                ClientConfig::load(default)?
+            } else {
+                ClientConfig::default()
+            }
+        }
+    };
+    if let Some(f) = &args.frontend {
+        config.frontend = f.clone();
+    }
+    if let Some(ms) = args.timeout_ms {
+        config.retry_deadline_ms = ms;
+    }
+    config.validate().map_err(|e| format!("command line: {e}"))?;
+    Ok(config)
+}
+
+async fn run(args: cli::Args) -> i32 {
+    let config = match load_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let mut client = match Client::connect(args.id.clone(), config).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    match args.command {
+        Some(cmd) => cli::execute(&mut client, cmd, args.json).await,
+        None => repl(&mut client, args.json).await,
+    }
+}
+
+/// Reads commands line by line: a prompt on a terminal, plain lines otherwise.
+async fn repl(client: &mut Client, json: bool) -> i32 {
+    let interactive = std::io::stdin().is_terminal();
+    let mut worst = 0;
+    let mut lines = std::io::stdin().lock().lines();
+    loop {
+        if interactive {
+            print!("walkv({})> ", client.id());
+            let _ = std::io::stdout().flush();
+        }
+        // Blocking stdin on the current-thread runtime is fine: nothing else runs meanwhile.
+        let line = match lines.next() {
+            Some(Ok(line)) => line,
+            Some(Err(e)) => {
+                eprintln!("error: reading stdin: {e}");
+                return 2;
+            }
+            None => break,
+        };
+        let words = match cli::split_words(&line) {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("error: {e}");
+                worst = worst.max(2);
+                continue;
+            }
+        };
+        match words.first().map(String::as_str) {
+            None => continue,
+            Some("quit" | "exit") => break,
+            Some("help") => {
+                println!("{}", cli::REPL_HELP);
+                continue;
+            }
+            _ => {}
+        }
+        match cli::parse_line(&words) {
+            Ok(cmd) => worst = worst.max(cli::execute(client, cmd, json).await),
+            Err(e) => {
+                eprintln!("{e}");
+                worst = worst.max(2);
+            }
+        }
+    }
+    worst
+}
