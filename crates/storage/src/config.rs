@@ -1,0 +1,231 @@
+//! Storage node configuration.
+//!
+//! One TOML file per process (`config/storage.toml` by default, every key commented
+//! there). Every field has a default from [`Config::default`]; CLI flags override the file
+//! in `main`. [`Config::load`] refuses unknown keys and wrong types, and
+//! [`Config::validate`] refuses values that parse but make no sense; both name the file,
+//! the key and what was expected.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Every setting of a storage node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Node id; normally given with `--id`. Default: empty (must be set by file or flag).
+    pub id: String,
+    /// Data directory (WAL segments, snapshots, epoch file, LOCK). Default: `data/<id>`.
+    pub data_dir: Option<PathBuf>,
+    /// Address of the frontend's storage (Registry) endpoint. Default: `127.0.0.1:7001`.
+    pub frontend: String,
+    /// Address this node listens on for the frontend. Default: `127.0.0.1:7101`.
+    pub listen: String,
+    /// Address the frontend should dial. Default: the same as `listen`.
+    pub advertise: Option<String>,
+    /// Shared secret every Storage/Registry call must carry. Default: `walkv-dev-token`.
+    pub cluster_token: String,
+    /// Records between snapshots (and WAL trims). Default: 100000.
+    pub snapshot_every: u64,
+    /// Most records written with one fsync (group commit batch). Default: 1024.
+    pub wal_batch_max: u32,
+    /// Interval between heartbeats to the frontend, in ms. Default: 200.
+    pub heartbeat_ms: u64,
+    /// Longest a read/scan waits for the node to apply `min_seq`, in ms. Default: 2000.
+    pub read_wait_ms: u64,
+    /// Largest key, in bytes. Default: 1024.
+    pub max_key_bytes: u32,
+    /// Largest value, in bytes. Default: 1048576 (1 MiB).
+    pub max_value_bytes: u32,
+    /// Largest RPC frame, in bytes. Default: 8388608 (8 MiB).
+    pub max_frame_bytes: u32,
+    /// Most concurrent RPC connections. Default: 256.
+    pub max_connections: u32,
+    /// How long shutdown waits for in-flight requests, in ms. Default: 2000.
+    pub shutdown_grace_ms: u64,
+    /// fsync every WAL batch. Default: true. `false` exists only for negative-control
+    /// tests: acknowledged writes can then be lost on power failure.
+    pub fsync: bool,
+    /// At start, cut the WAL at the first corrupt record (keeping a `.corrupt-<time>` copy)
+    /// instead of refusing to start; the lost tail comes back by catch-up. Default: false.
+    pub discard_corrupt_tail: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            id: String::new(),
+            data_dir: None,
+            frontend: "127.0.0.1:7001".into(),
+            listen: "127.0.0.1:7101".into(),
+            advertise: None,
+            cluster_token: "walkv-dev-token".into(),
+            snapshot_every: 100_000,
+            wal_batch_max: 1024,
+            heartbeat_ms: 200,
+            read_wait_ms: 2000,
+            max_key_bytes: 1024,
+            max_value_bytes: 1024 * 1024,
+            max_frame_bytes: 8 * 1024 * 1024,
+            max_connections: 256,
+            shutdown_grace_ms: 2000,
+            fsync: true,
+            discard_corrupt_tail: false,
+        }
+    }
+}
+
+/// A config that could not be loaded or is invalid; the message names file, key and expectation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and parses `path` (no validation: flags may still override fields).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(format!("{}: cannot read config file: {e}", path.display()))
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+    }
+
+    /// Checks every value; `source` names where the config came from (file path or "defaults").
+    pub fn validate(&self, source: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, expected: &str| {
+            Err(ConfigError(format!(
+                "{source}: key `{key}`: expected {expected}"
+            )))
+        };
+        if self.id.is_empty()
+            || self.id.len() > 128
+            || !self
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return bad(
+                "id",
+                "a non-empty name of at most 128 characters [A-Za-z0-9._-] (set --id)",
+            );
+        }
+        for (key, value) in [
+            ("listen", Some(&self.listen)),
+            ("advertise", self.advertise.as_ref()),
+            ("frontend", Some(&self.frontend)),
+        ] {
+            if let Some(v) = value {
+                if v.parse::<SocketAddr>().is_err() {
+                    return bad(key, &format!("ip:port such as 127.0.0.1:7101, got {v:?}"));
+                }
+            }
+        }
+        if self.cluster_token.is_empty() {
+            return bad("cluster_token", "a non-empty string");
+        }
+        let positive = [
+            ("snapshot_every", self.snapshot_every),
+            ("wal_batch_max", u64::from(self.wal_batch_max)),
+            ("heartbeat_ms", self.heartbeat_ms),
+            ("read_wait_ms", self.read_wait_ms),
+            ("max_key_bytes", u64::from(self.max_key_bytes)),
+            ("max_value_bytes", u64::from(self.max_value_bytes)),
+            ("max_connections", u64::from(self.max_connections)),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return bad(key, "a positive integer, got 0");
+            }
+        }
+        let needed =
+            u64::from(self.max_key_bytes) + u64::from(self.max_value_bytes) + FRAME_OVERHEAD_BYTES;
+        if u64::from(self.max_frame_bytes) < needed {
+            return bad(
+                "max_frame_bytes",
+                &format!(
+                    "at least max_key_bytes + max_value_bytes + {FRAME_OVERHEAD_BYTES} = {needed}"
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The data directory: `data_dir`, or `data/<id>`.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("data").join(&self.id))
+    }
+
+    /// The address to register with: `advertise`, or `listen`.
+    pub fn advertise(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.clone())
+    }
+
+    /// `heartbeat_ms` as a duration.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+
+    /// `read_wait_ms` as a duration.
+    pub fn read_wait(&self) -> Duration {
+        Duration::from_millis(self.read_wait_ms)
+    }
+
+    /// `shutdown_grace_ms` as a duration.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+/// Room a frame needs besides one key and one value (JSON framing, ids, numbers).
+pub const FRAME_OVERHEAD_BYTES: u64 = 4096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_validate() {
+        let c = Config {
+            id: "s1".into(),
+            ..Config::default()
+        };
+        c.validate("defaults").unwrap();
+        let text = toml::to_string(&c).unwrap();
+        assert_eq!(toml::from_str::<Config>(&text).unwrap(), c);
+        assert!(c.fsync, "fsync must be on by default");
+    }
+
+    #[test]
+    fn unknown_key_and_bad_value_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, "snapshot_evry = 5\n").unwrap();
+        let e = Config::load(&path).unwrap_err().0;
+        assert!(e.contains("s.toml") && e.contains("snapshot_evry"), "{e}");
+        std::fs::write(&path, "snapshot_every = \"x\"\n").unwrap();
+        let e = Config::load(&path).unwrap_err().0;
+        assert!(e.contains("s.toml") && e.contains("snapshot_every"), "{e}");
+        let c = Config {
+            id: "s1".into(),
+            listen: "nope".into(),
+            ..Config::default()
+        };
+        let e = c.validate("f.toml").unwrap_err().0;
+        assert!(
+            e.contains("f.toml") && e.contains("`listen`") && e.contains("ip:port"),
+            "{e}"
+        );
+    }
+}

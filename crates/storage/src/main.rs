@@ -1,0 +1,170 @@
+//! `storage`: a walkv storage node.
+//!
+//! Keeps a full copy of the data in a JSON write-ahead log under `--data-dir`, serves the
+//! frontend's replication and read RPCs on `--listen`, and registers with the frontend at
+//! `--frontend`. `storage wal verify|dump|bench --data-dir D` inspect a data directory
+//! offline. Exit codes: 0 ok, 1 refused to start (config, lock, corruption), 3 stopped by a
+//! disk error (fail-stop) or refused by the frontend.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use walkv_storage::{tools, Config};
+
+/// Default config file; silently skipped when absent (an explicit `--config` must exist).
+const DEFAULT_CONFIG: &str = "config/storage.toml";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "storage",
+    version,
+    about = "walkv storage node: durable JSON WAL, snapshots, replication target of the frontend"
+)]
+struct Cli {
+    /// Node id (stable across restarts; the frontend tracks the in-sync set by id).
+    #[arg(long)]
+    id: Option<String>,
+    /// Address to listen on for the frontend, ip:port.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Address the frontend should dial (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Frontend's storage/registry address (default 127.0.0.1:7001).
+    #[arg(long)]
+    frontend: Option<String>,
+    /// Data directory (default data/<id>).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Config file (default config/storage.toml, skipped if missing).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// At start, cut the WAL at the first corrupt record (keeping a copy) and rely on
+    /// catch-up from peers instead of refusing to start.
+    #[arg(long)]
+    discard_corrupt_tail: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Offline WAL tools.
+    #[command(subcommand)]
+    Wal(WalCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum WalCommand {
+    /// Check snapshot and WAL checksums and seq continuity; exit 1 naming file, offset, seq.
+    Verify(DirArg),
+    /// Print the snapshot header and every record as JSON lines (for jq).
+    Dump(DirArg),
+    /// Measure group-commit append throughput with N concurrent writers (fsync on).
+    Bench {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Concurrent writers.
+        #[arg(long, default_value_t = 64)]
+        writers: usize,
+        /// Total records to append.
+        #[arg(long, default_value_t = 200_000)]
+        records: u64,
+        /// Bytes per value.
+        #[arg(long, default_value_t = 100)]
+        value_size: usize,
+    },
+}
+
+#[derive(Args, Debug)]
+struct DirArg {
+    /// The node's data directory.
+    #[arg(long)]
+    data_dir: PathBuf,
+}
+
+fn load_config(cli: &Cli) -> Result<Config, String> {
+    let (mut config, source) = match &cli.config {
+        Some(p) => (
+            Config::load(p).map_err(|e| e.to_string())?,
+            p.display().to_string(),
+        ),
+        None if Path::new(DEFAULT_CONFIG).exists() => (
+            Config::load(Path::new(DEFAULT_CONFIG)).map_err(|e| e.to_string())?,
+            DEFAULT_CONFIG.to_string(),
+        ),
+        None => (Config::default(), "built-in defaults".to_string()),
+    };
+    let source = format!("{source} (with command-line flags)");
+    if let Some(v) = &cli.id {
+        config.id = v.clone();
+    }
+    if let Some(v) = &cli.listen {
+        config.listen = v.clone();
+    }
+    if let Some(v) = &cli.advertise {
+        config.advertise = Some(v.clone());
+    }
+    if let Some(v) = &cli.frontend {
+        config.frontend = v.clone();
+    }
+    if let Some(v) = &cli.data_dir {
+        config.data_dir = Some(v.clone());
+    }
+    config.discard_corrupt_tail |= cli.discard_corrupt_tail;
+    config.validate(&source).map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    walkv_shared::telemetry::init();
+    match &cli.command {
+        Some(Command::Wal(cmd)) => return wal_tool(cmd).await,
+        None => {}
+    }
+    let config = match load_config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(&config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(listen = %config.listen, "cannot listen: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match walkv_storage::run(config, listener, walkv_shared::shutdown::signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+async fn wal_tool(cmd: &WalCommand) -> ExitCode {
+    let result = match cmd {
+        WalCommand::Verify(d) => tools::verify(&d.data_dir).map(|s| println!("{s}")),
+        WalCommand::Dump(d) => tools::dump(&d.data_dir, &mut std::io::stdout().lock()),
+        WalCommand::Bench {
+            dir,
+            writers,
+            records,
+            value_size,
+        } => tools::bench(&dir.data_dir, *writers, *records, *value_size)
+            .await
+            .map(|r| println!("writers {writers}: {r}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

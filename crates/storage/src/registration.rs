@@ -1,0 +1,115 @@
+//! Registration with the frontend: register, then heartbeat, forever.
+//!
+//! After recovery the node is already serving `Storage`; this loop tells the frontend
+//! where it is and where its log ends. A frontend that is down or restarting only costs
+//! warnings and retries with capped exponential backoff; the node keeps serving.
+//! `Reregister` or a failed heartbeat starts a new registration (the log position may have
+//! changed). `Unauthorized` from `register` (wrong token, duplicate live id, removed id)
+//! is returned as an error: the caller stops the node and the process exits non-zero.
+
+use crate::wal::writer::NodeState;
+use std::sync::Arc;
+use std::time::Duration;
+use tarpc::client;
+use tracing::{info, warn};
+use walkv_shared::rpc::{HeartbeatReply, HeartbeatRequest, RegisterRequest, RegistryClient};
+use walkv_shared::{transport, KvError, NodeId};
+
+/// First retry delay after a failed registration.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest retry delay: a restarted frontend learns about the node within this.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Deadline of one connect or register/heartbeat call.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest frame on the registry connection (requests and replies are tiny).
+pub const REGISTRY_MAX_FRAME: usize = 1024 * 1024;
+
+/// What the loop needs to know about the node.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    /// Node id.
+    pub id: NodeId,
+    /// Address to advertise.
+    pub addr: String,
+    /// Frontend's registry address.
+    pub frontend: String,
+    /// Cluster token.
+    pub token: String,
+    /// Random per-process number.
+    pub instance: u64,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+}
+
+/// Runs until `Unauthorized` (returned as the error message); never returns otherwise.
+pub async fn run(reg: Registration, state: Arc<NodeState>) -> String {
+    let mut backoff = BACKOFF_MIN;
+    let mut attempt: u64 = 0;
+    loop {
+        attempt += 1;
+        match session(&reg, &state).await {
+            Ok(()) => {
+                backoff = BACKOFF_MIN;
+                attempt = 0;
+                continue;
+            }
+            Err(KvError::Unauthorized(why)) => {
+                return format!("frontend {} refused registration: {why}", reg.frontend)
+            }
+            Err(e) => {
+                warn!(frontend = %reg.frontend, attempt, retry_ms = backoff.as_millis() as u64, error = %e, "cannot register with frontend; retrying")
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One registration and the heartbeats that follow it. `Ok` means "register again now".
+async fn session(reg: &Registration, state: &NodeState) -> Result<(), KvError> {
+    let transport = transport::connect(&reg.frontend, RPC_TIMEOUT, REGISTRY_MAX_FRAME)
+        .await
+        .map_err(|e| KvError::Unavailable(format!("connect: {e}")))?;
+    let client = RegistryClient::new(client::Config::default(), transport).spawn();
+    let (pos, snapshot_seq) = {
+        let s = state.store();
+        (s.pos(), s.snapshot_pos().seq)
+    };
+    let req = RegisterRequest {
+        token: reg.token.clone(),
+        id: reg.id.clone(),
+        addr: reg.addr.clone(),
+        instance: reg.instance,
+        pos,
+        snapshot_seq,
+    };
+    let reply = client
+        .register(transport::context_with_timeout(RPC_TIMEOUT), req)
+        .await??;
+    info!(frontend = %reg.frontend, session = reply.session, epoch = reply.epoch.0, seq = %pos.seq, "registered with frontend");
+    let mut tick = tokio::time::interval(reg.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let req = HeartbeatRequest {
+            token: reg.token.clone(),
+            id: reg.id.clone(),
+            session: reply.session,
+            applied: *state.applied.borrow(),
+        };
+        match client
+            .heartbeat(transport::context_with_timeout(RPC_TIMEOUT), req)
+            .await?
+        {
+            Ok(HeartbeatReply::Ok) => {}
+            Ok(HeartbeatReply::Reregister) => {
+                info!("frontend asked the node to register again");
+                return Ok(());
+            }
+            Err(e) => {
+                warn!(error = %e, "heartbeat refused; registering again");
+                return Ok(());
+            }
+        }
+    }
+}

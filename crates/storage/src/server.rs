@@ -1,0 +1,325 @@
+//! `StorageServer`: the thin RPC adapter between tarpc and the node's state.
+//!
+//! Every call first checks the cluster token (`Unauthorized` otherwise). Writes
+//! (`append`, `truncate`, `install_snapshot`) go to the WAL writer, which does epoch
+//! fencing, skip/gap checks, the fsync and the apply; reads go straight to the store
+//! under a short read lock, after waiting (bounded by `read_wait_ms`) until the node has
+//! applied `min_seq`. Nothing here does file IO except `snapshot_page`, which streams the
+//! newest snapshot file on a blocking thread.
+
+use crate::snapshot;
+use crate::store::SnapshotData;
+use crate::wal::writer::{NodeState, WalWriter};
+use std::sync::Arc;
+use std::time::Duration;
+use tarpc::context::Context;
+use tracing::{debug, instrument, warn};
+use walkv_shared::rpc::{
+    AppendRequest, Digest, FetchReply, NodeIdentity, ReadReply, ScanReply, SnapshotChunk,
+    SnapshotPage, Storage,
+};
+use walkv_shared::types::LogPosition;
+use walkv_shared::types::Outcome;
+use walkv_shared::{Epoch, KvError, NodeId, Seq};
+
+/// Most records, keys or items one `fetch`, `scan` or `snapshot_page` returns, whatever
+/// the caller asks: keeps every reply well below the frame limit for typical values.
+pub const MAX_PAGE_ITEMS: usize = 10_000;
+
+/// The node's `Storage` service. Cheap to clone (one `Arc`).
+#[derive(Clone, Debug)]
+pub struct StorageServer {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    id: NodeId,
+    instance: u64,
+    token: String,
+    state: Arc<NodeState>,
+    writer: WalWriter,
+    read_wait: Duration,
+    max_key_bytes: usize,
+    max_value_bytes: usize,
+    /// A snapshot being received chunk by chunk (`install_snapshot`).
+    install: tokio::sync::Mutex<Option<SnapshotData>>,
+}
+
+/// Limits the server enforces on incoming records.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Longest a read waits for `min_seq`.
+    pub read_wait: Duration,
+    /// Largest key in bytes.
+    pub max_key_bytes: usize,
+    /// Largest value in bytes.
+    pub max_value_bytes: usize,
+}
+
+impl StorageServer {
+    /// A server for node `id` (process `instance`) over `state`, writing through `writer`.
+    pub fn new(
+        id: NodeId,
+        instance: u64,
+        token: String,
+        state: Arc<NodeState>,
+        writer: WalWriter,
+        limits: Limits,
+    ) -> StorageServer {
+        let inner = Inner {
+            id,
+            instance,
+            token,
+            state,
+            writer,
+            read_wait: limits.read_wait,
+            max_key_bytes: limits.max_key_bytes,
+            max_value_bytes: limits.max_value_bytes,
+            install: tokio::sync::Mutex::new(None),
+        };
+        StorageServer {
+            inner: Arc::new(inner),
+        }
+    }
+
+    fn auth(&self, token: &str) -> Result<(), KvError> {
+        if token == self.inner.token {
+            Ok(())
+        } else {
+            warn!("request with a wrong cluster token refused");
+            Err(KvError::Unauthorized("wrong cluster token".into()))
+        }
+    }
+
+    /// Waits until the node has applied `min_seq`, at most `read_wait`.
+    async fn wait_applied(&self, min_seq: Seq) -> Result<(), KvError> {
+        let mut rx = self.inner.state.applied.subscribe();
+        let waited = tokio::time::timeout(self.inner.read_wait, rx.wait_for(|s| *s >= min_seq))
+            .await
+            .map(|r| r.is_ok());
+        match waited {
+            Ok(true) => Ok(()),
+            _ => Err(KvError::Unavailable(format!(
+                "node has applied seq {} but the read needs {min_seq}",
+                *rx.borrow()
+            ))),
+        }
+    }
+
+    fn check_sizes(&self, key: &str, value: Option<&str>) -> Result<(), KvError> {
+        if key.len() > self.inner.max_key_bytes {
+            return Err(KvError::TooLarge {
+                what: "key".into(),
+                limit: self.inner.max_key_bytes as u64,
+            });
+        }
+        if value.is_some_and(|v| v.len() > self.inner.max_value_bytes) {
+            return Err(KvError::TooLarge {
+                what: "value".into(),
+                limit: self.inner.max_value_bytes as u64,
+            });
+        }
+        Ok(())
+    }
+
+    fn value_of(op: &walkv_shared::Op) -> Option<&str> {
+        match op {
+            walkv_shared::Op::Put { value, .. } | walkv_shared::Op::Cas { value, .. } => {
+                Some(value)
+            }
+            walkv_shared::Op::Delete { .. } => None,
+        }
+    }
+}
+
+impl Storage for StorageServer {
+    async fn identity(self, _: Context, token: String) -> Result<NodeIdentity, KvError> {
+        self.auth(&token)?;
+        let pos = self.inner.state.store().pos();
+        Ok(NodeIdentity {
+            id: self.inner.id.clone(),
+            instance: self.inner.instance,
+            pos,
+        })
+    }
+
+    #[instrument(skip_all, fields(n = req.records.len(), epoch = req.epoch.0))]
+    async fn append(
+        self,
+        _: Context,
+        token: String,
+        req: AppendRequest,
+    ) -> Result<Vec<Outcome>, KvError> {
+        self.auth(&token)?;
+        for r in &req.records {
+            self.check_sizes(r.op.key(), Self::value_of(&r.op))?;
+        }
+        debug!("append");
+        self.inner
+            .writer
+            .append(req.epoch, req.commit_seq, req.records)
+            .await
+    }
+
+    async fn read(
+        self,
+        _: Context,
+        token: String,
+        key: String,
+        min_seq: Seq,
+    ) -> Result<ReadReply, KvError> {
+        self.auth(&token)?;
+        self.wait_applied(min_seq).await?;
+        let (value, last_touch) = self.inner.state.store().get(&key);
+        Ok(ReadReply { value, last_touch })
+    }
+
+    async fn scan(
+        self,
+        _: Context,
+        token: String,
+        prefix: String,
+        limit: u32,
+        min_seq: Seq,
+    ) -> Result<ScanReply, KvError> {
+        self.auth(&token)?;
+        self.wait_applied(min_seq).await?;
+        let store = self.inner.state.store();
+        let items = store.scan(&prefix, (limit as usize).min(MAX_PAGE_ITEMS));
+        Ok(ScanReply {
+            items,
+            applied: store.pos().seq,
+        })
+    }
+
+    #[instrument(skip_all, fields(epoch = epoch.0, after = after.0))]
+    async fn truncate(
+        self,
+        _: Context,
+        token: String,
+        epoch: Epoch,
+        after: Seq,
+    ) -> Result<LogPosition, KvError> {
+        self.auth(&token)?;
+        self.inner.writer.truncate(epoch, after).await
+    }
+
+    async fn fetch(
+        self,
+        _: Context,
+        token: String,
+        from: Seq,
+        max: u32,
+    ) -> Result<FetchReply, KvError> {
+        self.auth(&token)?;
+        Ok(self
+            .inner
+            .state
+            .store()
+            .fetch(from, (max as usize).min(MAX_PAGE_ITEMS)))
+    }
+
+    async fn snapshot_page(
+        self,
+        _: Context,
+        token: String,
+        snapshot_seq: Seq,
+        after_key: Option<String>,
+        max: u32,
+    ) -> Result<SnapshotPage, KvError> {
+        self.auth(&token)?;
+        let dir = self.inner.state.dir.clone();
+        let max = (max as usize).clamp(1, MAX_PAGE_ITEMS);
+        let page = tokio::task::spawn_blocking(move || {
+            let path = dir.join(snapshot::snapshot_name(snapshot_seq));
+            snapshot::read_page(&path, after_key.as_deref(), max)
+                .map(|(h, items, done)| (h, items, done, after_key.is_none()))
+        })
+        .await
+        .map_err(|e| KvError::Internal(format!("snapshot page task failed: {e}")))?;
+        match page {
+            Ok((h, items, done, first)) => {
+                let clients = if first { h.clients } else { Vec::new() };
+                Ok(SnapshotPage {
+                    seq: h.seq,
+                    epoch: h.epoch,
+                    items,
+                    clients,
+                    done,
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let newest = self.inner.state.store().snapshot_pos().seq;
+                Err(KvError::InvalidInput(format!(
+                    "snapshot at seq {snapshot_seq} is gone; the newest is at seq {newest}"
+                )))
+            }
+            Err(e) => Err(KvError::Io(format!(
+                "cannot read snapshot at seq {snapshot_seq}: {e}"
+            ))),
+        }
+    }
+
+    async fn install_snapshot(
+        self,
+        _: Context,
+        token: String,
+        epoch: Epoch,
+        chunk: SnapshotChunk,
+    ) -> Result<LogPosition, KvError> {
+        self.auth(&token)?;
+        let seen = self
+            .inner
+            .state
+            .highest_epoch
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if epoch.0 < seen {
+            return Err(KvError::Fenced { seen });
+        }
+        let mut pending = self.inner.install.lock().await;
+        if chunk.first {
+            *pending = Some(SnapshotData {
+                pos: LogPosition {
+                    epoch: chunk.epoch,
+                    seq: chunk.seq,
+                },
+                ..SnapshotData::default()
+            });
+        }
+        let Some(data) = pending.as_mut() else {
+            return Err(KvError::InvalidInput(
+                "install_snapshot chunk without a first chunk".into(),
+            ));
+        };
+        if data.pos.seq != chunk.seq {
+            return Err(KvError::InvalidInput(format!(
+                "chunk for snapshot {} while installing {}",
+                chunk.seq, data.pos.seq
+            )));
+        }
+        if data
+            .items
+            .last()
+            .zip(chunk.items.first())
+            .is_some_and(|(a, b)| a.key >= b.key)
+        {
+            return Err(KvError::InvalidInput(
+                "snapshot chunks must arrive in key order".into(),
+            ));
+        }
+        data.items.extend(chunk.items);
+        data.clients.extend(chunk.clients);
+        if !chunk.last {
+            return Ok(self.inner.state.store().pos());
+        }
+        let data = pending.take().unwrap_or_default();
+        drop(pending);
+        self.inner.writer.install(epoch, data).await
+    }
+
+    async fn digest(self, _: Context, token: String) -> Result<Digest, KvError> {
+        self.auth(&token)?;
+        Ok(self.inner.state.store().digest())
+    }
+}

@@ -1,0 +1,251 @@
+//! Snapshots: a full copy of the state at one log position, so the WAL can be trimmed.
+//!
+//! # Format
+//!
+//! `snapshot-<seq, 20 digits>.json`, JSON lines that `jq` can read:
+//!
+//! ```text
+//! {"type":"header","seq":S,"epoch":E,"keys":N,"clients":[..],"tombstones":[[key,seq],..]}
+//! {"key":"k","value":"v","version":7}          one line per key, in key order
+//! {"type":"footer","items":N,"crc":C}          C = CRC32C of every byte before this line
+//! ```
+//!
+//! # Invariants and crash behaviour
+//!
+//! - A snapshot is written to `<name>.tmp`, fsynced, renamed, and the directory fsynced;
+//!   only then are the WAL segments and snapshots it supersedes removed (oldest first).
+//!   A crash at any step leaves either the old snapshot with its full WAL, or the new
+//!   snapshot with a suffix of the WAL that still overlaps or continues it.
+//! - A file without a matching footer is never used. `*.tmp` leftovers are removed at start.
+//! - Encoding and decoding are pure functions; only [`write`] and [`read`] touch disk.
+
+use crate::store::SnapshotData;
+use crate::wal::file::{list_named, sync_dir, write_atomic};
+use serde::{Deserialize, Serialize};
+use std::io::{self, BufRead};
+use std::path::{Path, PathBuf};
+use walkv_shared::rpc::ClientEntry;
+use walkv_shared::types::{KeyValue, LogPosition};
+use walkv_shared::{Epoch, Seq};
+
+/// First line of a snapshot file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "header")]
+pub struct Header {
+    /// Seq of the last record covered.
+    pub seq: Seq,
+    /// Epoch of that record.
+    pub epoch: Epoch,
+    /// Number of key lines.
+    pub keys: u64,
+    /// The exactly-once table.
+    pub clients: Vec<ClientEntry>,
+    /// Uncommitted delete tombstones.
+    pub tombstones: Vec<(String, Seq)>,
+}
+
+/// Last line of a snapshot file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "footer")]
+struct Footer {
+    items: u64,
+    crc: u32,
+}
+
+/// The file name of the snapshot covering up to `seq`.
+pub fn snapshot_name(seq: Seq) -> String {
+    format!("snapshot-{:020}.json", seq.0)
+}
+
+/// The seq in a snapshot file name, if `name` is one.
+pub fn parse_snapshot_name(name: &str) -> Option<Seq> {
+    let digits = name.strip_prefix("snapshot-")?.strip_suffix(".json")?;
+    (digits.len() == 20)
+        .then(|| digits.parse().ok().map(Seq))
+        .flatten()
+}
+
+/// Every snapshot in `dir`, oldest first.
+pub fn list(dir: &Path) -> io::Result<Vec<(Seq, PathBuf)>> {
+    list_named(dir, parse_snapshot_name)
+}
+
+/// Encodes a snapshot (pure).
+pub fn encode(data: &SnapshotData) -> Vec<u8> {
+    let header = Header {
+        seq: data.pos.seq,
+        epoch: data.pos.epoch,
+        keys: data.items.len() as u64,
+        clients: data.clients.clone(),
+        tombstones: data.tombstones.clone(),
+    };
+    // Serialising plain structs of strings and integers cannot fail.
+    let mut out = serde_json::to_vec(&header).expect("header serialises");
+    out.push(b'\n');
+    for kv in &data.items {
+        serde_json::to_writer(&mut out, kv).expect("item serialises");
+        out.push(b'\n');
+    }
+    let footer = Footer {
+        items: data.items.len() as u64,
+        crc: crc32c::crc32c(&out),
+    };
+    serde_json::to_writer(&mut out, &footer).expect("footer serialises");
+    out.push(b'\n');
+    out
+}
+
+/// Decodes and verifies a snapshot (pure).
+pub fn decode(bytes: &[u8]) -> Result<SnapshotData, String> {
+    let body_end = bytes
+        .len()
+        .checked_sub(1)
+        .and_then(|end| bytes[..end].iter().rposition(|&b| b == b'\n'))
+        .map(|i| i + 1);
+    let Some(body_end) = body_end else {
+        return Err("no footer line".into());
+    };
+    let footer: Footer =
+        serde_json::from_slice(&bytes[body_end..]).map_err(|e| format!("bad footer: {e}"))?;
+    let crc = crc32c::crc32c(&bytes[..body_end]);
+    if crc != footer.crc {
+        return Err(format!(
+            "checksum mismatch (footer {}, computed {crc})",
+            footer.crc
+        ));
+    }
+    let mut lines = bytes[..body_end]
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty());
+    let header: Header = serde_json::from_slice(lines.next().ok_or("no header line")?)
+        .map_err(|e| format!("bad header: {e}"))?;
+    let items = lines
+        .map(serde_json::from_slice::<KeyValue>)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("bad item: {e}"))?;
+    if items.len() as u64 != footer.items || header.keys != footer.items {
+        return Err(format!(
+            "footer says {} items, header {}, found {}",
+            footer.items,
+            header.keys,
+            items.len()
+        ));
+    }
+    Ok(SnapshotData {
+        pos: LogPosition {
+            epoch: header.epoch,
+            seq: header.seq,
+        },
+        items,
+        clients: header.clients,
+        tombstones: header.tombstones,
+    })
+}
+
+/// Writes a snapshot atomically and returns its path.
+pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<PathBuf> {
+    let name = snapshot_name(data.pos.seq);
+    write_atomic(dir, &name, &encode(data))?;
+    Ok(dir.join(name))
+}
+
+/// Reads and verifies a snapshot file.
+pub fn read(path: &Path) -> Result<SnapshotData, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    decode(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Removes every segment whose records are all covered by the snapshot at `seq` (first
+/// seq <= `seq`, given the writer rolled to a new segment at `seq + 1`), and every older
+/// snapshot, oldest first, then fsyncs the directory.
+pub fn remove_superseded(dir: &Path, seq: Seq) -> io::Result<()> {
+    for (first, path) in crate::wal::file::list_segments(dir)? {
+        if first <= seq {
+            std::fs::remove_file(path)?;
+        }
+    }
+    for (s, path) in list(dir)? {
+        if s < seq {
+            std::fs::remove_file(path)?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// One page of keys after `after_key` from the snapshot file at `path` (streamed, so a
+/// large snapshot is never loaded whole to serve a page).
+pub fn read_page(
+    path: &Path,
+    after_key: Option<&str>,
+    max: usize,
+) -> io::Result<(Header, Vec<KeyValue>, bool)> {
+    let bad = |e: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
+    };
+    let mut lines = io::BufReader::new(std::fs::File::open(path)?).lines();
+    let header: Header = serde_json::from_str(&lines.next().ok_or_else(|| bad("empty".into()))??)
+        .map_err(|e| bad(e.to_string()))?;
+    let mut items = Vec::new();
+    for line in lines {
+        let line = line?;
+        if line.starts_with("{\"type\":\"footer\"") {
+            return Ok((header, items, true));
+        }
+        let kv: KeyValue = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
+        if after_key.is_some_and(|a| kv.key.as_str() <= a) {
+            continue;
+        }
+        if items.len() == max {
+            return Ok((header, items, false));
+        }
+        items.push(kv);
+    }
+    Err(bad("no footer".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::put;
+    use crate::store::Store;
+
+    #[test]
+    fn round_trip_and_corruption() {
+        let mut s = Store::new();
+        for i in 1..=50 {
+            s.apply(&put(i, &format!("k{i:03}"), &format!("v{i}")));
+        }
+        let data = s.snapshot_data();
+        let bytes = encode(&data);
+        assert_eq!(decode(&bytes).unwrap(), data);
+        let mut bad = bytes.clone();
+        bad[bytes.len() / 2] ^= 0x02;
+        assert!(decode(&bad).is_err());
+        assert!(decode(&bytes[..bytes.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn pages_cover_every_key_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::new();
+        for i in 1..=25 {
+            s.apply(&put(i, &format!("k{i:03}"), "v"));
+        }
+        let path = write(dir.path(), &s.snapshot_data()).unwrap();
+        let mut after: Option<String> = None;
+        let mut seen = Vec::new();
+        loop {
+            let (h, items, done) = read_page(&path, after.as_deref(), 7).unwrap();
+            assert_eq!(h.seq, Seq(25));
+            after = items.last().map(|kv| kv.key.clone()).or(after);
+            seen.extend(items);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(seen, s.snapshot_data().items);
+    }
+}

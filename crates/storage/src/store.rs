@@ -1,0 +1,448 @@
+//! The in-memory state machine: what the WAL means.
+//!
+//! [`Store::apply`] is the one function that turns a [`Record`] into state. Recovery
+//! (snapshot + WAL replay) and live appends both call it, so a node that restarts reaches
+//! exactly the state it had, and every replica computes the same [`Outcome`] for the same
+//! log (see docs/DESIGN.md, "Records and state machine").
+//!
+//! Invariants:
+//! - `pos.seq` is the seq of the last applied record; `apply` asserts that each record is
+//!   exactly `pos.seq + 1` (the WAL checks this too, before writing and after reading).
+//! - `tail` holds every record after `snapshot_pos.seq`, in order, with the outcome it had,
+//!   so `fetch` can serve catch-up without touching disk; older records answer
+//!   `SnapshotNeeded`.
+//! - The exactly-once table `clients` is part of the state (and of snapshots and digests).
+//! - Tombstones remember the seq of a key's last delete so a read can report `last_touch`;
+//!   they are dropped once the frontend's commit index passes them.
+//!
+//! No IO happens here.
+
+use std::collections::{BTreeMap, VecDeque};
+use walkv_shared::rpc::{ClientEntry, Digest, FetchReply};
+use walkv_shared::types::{KeyValue, LogPosition, Outcome, Versioned, WriteOp};
+use walkv_shared::{Record, Seq};
+
+/// A full copy of the state at one log position, as written to and read from a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotData {
+    /// The last record the snapshot covers.
+    pub pos: LogPosition,
+    /// Every key in key order.
+    pub items: Vec<KeyValue>,
+    /// The exactly-once table.
+    pub clients: Vec<ClientEntry>,
+    /// Delete tombstones not yet known to be committed: (key, seq of the delete).
+    pub tombstones: Vec<(String, Seq)>,
+}
+
+/// The key-value map plus everything `apply` needs to be deterministic.
+#[derive(Debug, Default)]
+pub struct Store {
+    map: BTreeMap<String, (String, Seq)>,
+    clients: BTreeMap<String, (u64, Outcome)>,
+    tombstones: BTreeMap<String, Seq>,
+    pos: LogPosition,
+    snapshot_pos: LogPosition,
+    tail: VecDeque<(Record, Outcome)>,
+}
+
+impl Store {
+    /// An empty store at the empty log position.
+    pub fn new() -> Store {
+        Store::default()
+    }
+
+    /// A store holding exactly the state of a snapshot.
+    pub fn from_snapshot(data: SnapshotData) -> Store {
+        Store {
+            map: data
+                .items
+                .into_iter()
+                .map(|kv| (kv.key, (kv.value, kv.version)))
+                .collect(),
+            clients: data
+                .clients
+                .into_iter()
+                .map(|c| (c.client, (c.op_no, c.outcome)))
+                .collect(),
+            tombstones: data.tombstones.into_iter().collect(),
+            pos: data.pos,
+            snapshot_pos: data.pos,
+            tail: VecDeque::new(),
+        }
+    }
+
+    /// Applies the next record of the log and returns its deterministic outcome.
+    pub fn apply(&mut self, r: &Record) -> Outcome {
+        assert_eq!(
+            r.seq,
+            self.pos.seq.next(),
+            "records must be applied in seq order without gaps"
+        );
+        let outcome = match self.clients.get(&r.client) {
+            Some((last, outcome)) if r.op_no == *last => outcome.clone(),
+            Some((last, _)) if r.op_no < *last => Outcome::StaleOp { last_op_no: *last },
+            _ => {
+                let outcome = self.evaluate(r);
+                self.clients
+                    .insert(r.client.clone(), (r.op_no, outcome.clone()));
+                outcome
+            }
+        };
+        self.pos = LogPosition {
+            epoch: r.epoch,
+            seq: r.seq,
+        };
+        self.tail.push_back((r.clone(), outcome.clone()));
+        outcome
+    }
+
+    fn evaluate(&mut self, r: &Record) -> Outcome {
+        match &r.op {
+            WriteOp::Put { key, value } => {
+                self.map.insert(key.clone(), (value.clone(), r.seq));
+                Outcome::Written { version: r.seq }
+            }
+            WriteOp::Delete { key } => match self.map.remove(key) {
+                None => Outcome::NotFound,
+                Some(_) => {
+                    self.tombstones.insert(key.clone(), r.seq);
+                    Outcome::Written { version: r.seq }
+                }
+            },
+            WriteOp::Cas {
+                key,
+                expected,
+                value,
+            } => {
+                let current = self.map.get(key).map(|(_, v)| *v).unwrap_or_default();
+                if current != *expected {
+                    Outcome::VersionMismatch { current }
+                } else {
+                    self.map.insert(key.clone(), (value.clone(), r.seq));
+                    Outcome::Written { version: r.seq }
+                }
+            }
+        }
+    }
+
+    /// The outcome a record already in the log had, for an `append` that re-sends it.
+    /// Records older than the newest snapshot fall back to the exactly-once table.
+    pub fn outcome_of(&self, r: &Record) -> Outcome {
+        if let Some(first) = self.tail.front() {
+            if r.seq >= first.0.seq && r.seq <= self.pos.seq {
+                return self.tail[(r.seq.0 - first.0.seq.0) as usize].1.clone();
+            }
+        }
+        match self.clients.get(&r.client) {
+            Some((last, outcome)) if *last == r.op_no => outcome.clone(),
+            Some((last, _)) => Outcome::StaleOp { last_op_no: *last },
+            None => Outcome::StaleOp { last_op_no: 0 },
+        }
+    }
+
+    /// Forgets tombstones at or below the frontend's commit index.
+    pub fn forget_tombstones(&mut self, commit: Seq) {
+        self.tombstones.retain(|_, seq| *seq > commit);
+    }
+
+    /// The value of `key` and the seq of the newest record known to have touched it.
+    pub fn get(&self, key: &str) -> (Option<Versioned>, Seq) {
+        match self.map.get(key) {
+            Some((value, version)) => (
+                Some(Versioned {
+                    value: value.clone(),
+                    version: *version,
+                }),
+                *version,
+            ),
+            None => (None, self.tombstones.get(key).copied().unwrap_or_default()),
+        }
+    }
+
+    /// Keys starting with `prefix`, in order, at most `limit`.
+    pub fn scan(&self, prefix: &str, limit: usize) -> Vec<KeyValue> {
+        self.map
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, (v, ver))| KeyValue {
+                key: k.clone(),
+                value: v.clone(),
+                version: *ver,
+            })
+            .collect()
+    }
+
+    /// Up to `max` records starting at `from`, or `SnapshotNeeded` if `from` was compacted.
+    pub fn fetch(&self, from: Seq, max: usize) -> FetchReply {
+        if from <= self.snapshot_pos.seq && self.snapshot_pos.seq > Seq(0) {
+            return FetchReply::SnapshotNeeded {
+                snapshot_seq: self.snapshot_pos.seq,
+                keys: self.map.len() as u64,
+            };
+        }
+        let Some(first) = self.tail.front().map(|(r, _)| r.seq) else {
+            return FetchReply::Records(Vec::new());
+        };
+        let skip = from.0.saturating_sub(first.0) as usize;
+        FetchReply::Records(
+            self.tail
+                .iter()
+                .skip(skip)
+                .take(max)
+                .map(|(r, _)| r.clone())
+                .collect(),
+        )
+    }
+
+    /// Marks the snapshot at `pos` durable: records up to it are no longer kept in memory.
+    pub fn compacted(&mut self, pos: LogPosition) {
+        while self.tail.front().is_some_and(|(r, _)| r.seq <= pos.seq) {
+            self.tail.pop_front();
+        }
+        self.snapshot_pos = pos;
+    }
+
+    /// A copy of the whole state at the current position (taken for a snapshot).
+    pub fn snapshot_data(&self) -> SnapshotData {
+        SnapshotData {
+            pos: self.pos,
+            items: self.scan("", usize::MAX),
+            clients: self.client_entries(),
+            tombstones: self
+                .tombstones
+                .iter()
+                .map(|(k, s)| (k.clone(), *s))
+                .collect(),
+        }
+    }
+
+    fn client_entries(&self) -> Vec<ClientEntry> {
+        self.clients
+            .iter()
+            .map(|(c, (op_no, outcome))| ClientEntry {
+                client: c.clone(),
+                op_no: *op_no,
+                outcome: outcome.clone(),
+            })
+            .collect()
+    }
+
+    /// Position of the last applied record.
+    pub fn pos(&self) -> LogPosition {
+        self.pos
+    }
+
+    /// Position covered by the newest durable snapshot.
+    pub fn snapshot_pos(&self) -> LogPosition {
+        self.snapshot_pos
+    }
+
+    /// Records applied since the newest durable snapshot.
+    pub fn since_snapshot(&self) -> u64 {
+        self.pos.seq.0 - self.snapshot_pos.seq.0
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// A hash of the logical content: every (key, value, version) in key order and the
+    /// exactly-once table (FNV-1a, stable across processes and versions).
+    pub fn digest(&self) -> Digest {
+        let mut h = Fnv::new();
+        for (k, (v, ver)) in &self.map {
+            h.field(k.as_bytes());
+            h.field(v.as_bytes());
+            h.field(&ver.0.to_le_bytes());
+        }
+        h.field(b"clients");
+        for (c, (op_no, outcome)) in &self.clients {
+            h.field(c.as_bytes());
+            h.field(&op_no.to_le_bytes());
+            // Serialising an enum of integers cannot fail.
+            h.field(&serde_json::to_vec(outcome).expect("outcome serialises"));
+        }
+        Digest {
+            pos: self.pos,
+            keys: self.map.len() as u64,
+            hash: h.0,
+        }
+    }
+}
+
+/// FNV-1a 64 with length-prefixed fields, so ("ab","c") and ("a","bc") differ.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn field(&mut self, bytes: &[u8]) {
+        for b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use walkv_shared::Epoch;
+
+    pub(crate) fn rec(seq: u64, client: &str, op_no: u64, op: WriteOp) -> Record {
+        Record {
+            seq: Seq(seq),
+            epoch: Epoch(1),
+            client: client.into(),
+            op_no,
+            op,
+        }
+    }
+
+    pub(crate) fn put(seq: u64, key: &str, value: &str) -> Record {
+        rec(
+            seq,
+            &format!("c{seq}"),
+            1,
+            WriteOp::Put {
+                key: key.into(),
+                value: value.into(),
+            },
+        )
+    }
+
+    #[test]
+    fn put_delete_cas_semantics() {
+        let mut s = Store::new();
+        assert_eq!(
+            s.apply(&put(1, "a", "1")),
+            Outcome::Written { version: Seq(1) }
+        );
+        let del = |seq, key: &str| rec(seq, "d", seq, WriteOp::Delete { key: key.into() });
+        assert_eq!(s.apply(&del(2, "missing")), Outcome::NotFound);
+        let cas = |seq, expected, v: &str| {
+            rec(
+                seq,
+                "x",
+                seq,
+                WriteOp::Cas {
+                    key: "a".into(),
+                    expected: Seq(expected),
+                    value: v.into(),
+                },
+            )
+        };
+        assert_eq!(
+            s.apply(&cas(3, 7, "no")),
+            Outcome::VersionMismatch { current: Seq(1) }
+        );
+        assert_eq!(
+            s.apply(&cas(4, 1, "yes")),
+            Outcome::Written { version: Seq(4) }
+        );
+        assert_eq!(s.get("a").0.unwrap().value, "yes");
+        assert_eq!(s.apply(&del(5, "a")), Outcome::Written { version: Seq(5) });
+        assert_eq!(
+            s.get("a"),
+            (None, Seq(5)),
+            "tombstone reports the delete as last touch"
+        );
+        s.forget_tombstones(Seq(5));
+        assert_eq!(s.get("a"), (None, Seq(0)));
+        let absent = rec(
+            6,
+            "y",
+            1,
+            WriteOp::Cas {
+                key: "a".into(),
+                expected: Seq(0),
+                value: "new".into(),
+            },
+        );
+        assert_eq!(s.apply(&absent), Outcome::Written { version: Seq(6) });
+    }
+
+    #[test]
+    fn exactly_once_retry_and_stale_op() {
+        let mut s = Store::new();
+        let w = |seq, op_no, v: &str| {
+            rec(
+                seq,
+                "alice",
+                op_no,
+                WriteOp::Put {
+                    key: "k".into(),
+                    value: v.into(),
+                },
+            )
+        };
+        assert_eq!(
+            s.apply(&w(1, 5, "first")),
+            Outcome::Written { version: Seq(1) }
+        );
+        // A retry of the same op gets the stored outcome and changes nothing.
+        assert_eq!(
+            s.apply(&w(2, 5, "retry")),
+            Outcome::Written { version: Seq(1) }
+        );
+        assert_eq!(
+            s.get("k").0.unwrap(),
+            Versioned {
+                value: "first".into(),
+                version: Seq(1)
+            }
+        );
+        assert_eq!(s.apply(&w(3, 4, "old")), Outcome::StaleOp { last_op_no: 5 });
+        assert_eq!(s.pos().seq, Seq(3), "no-ops still advance the log");
+        assert_eq!(
+            s.outcome_of(&w(2, 5, "retry")),
+            Outcome::Written { version: Seq(1) }
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "seq order")]
+    fn gap_is_a_broken_invariant() {
+        let mut s = Store::new();
+        s.apply(&put(2, "a", "1"));
+    }
+
+    #[test]
+    fn fetch_and_compaction() {
+        let mut s = Store::new();
+        for i in 1..=10 {
+            s.apply(&put(i, &format!("k{i}"), "v"));
+        }
+        let FetchReply::Records(r) = s.fetch(Seq(4), 3) else {
+            panic!("records expected")
+        };
+        assert_eq!(r.iter().map(|r| r.seq.0).collect::<Vec<_>>(), vec![4, 5, 6]);
+        s.compacted(LogPosition {
+            epoch: Epoch(1),
+            seq: Seq(6),
+        });
+        assert!(matches!(
+            s.fetch(Seq(6), 3),
+            FetchReply::SnapshotNeeded {
+                snapshot_seq: Seq(6),
+                keys: 10
+            }
+        ));
+        let FetchReply::Records(r) = s.fetch(Seq(7), 100) else {
+            panic!("records expected")
+        };
+        assert_eq!(r.len(), 4);
+        let copy = Store::from_snapshot(s.snapshot_data());
+        assert_eq!(copy.digest(), s.digest());
+    }
+}

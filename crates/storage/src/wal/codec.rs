@@ -1,0 +1,222 @@
+//! Pure decoding of one WAL segment's bytes. No IO.
+//!
+//! A segment is a sequence of lines produced by `walkv_shared::record::encode`. Scanning
+//! stops at the first line that does not count; whether that is a crash artifact or
+//! corruption depends only on where it is:
+//!
+//! - a last line without `\n`, or a last line that fails its checksum or does not parse,
+//!   is a **torn tail** (a write that a crash interrupted): [`DecodeError::TornTail`];
+//! - a bad line followed by more data, or a well-formed line whose seq is not exactly
+//!   one more than the previous one, is **corruption**: [`DecodeError::Corrupt`].
+
+use walkv_shared::record::{decode_line, encode_into};
+use walkv_shared::{Record, Seq};
+
+/// Why scanning stopped before the end of the bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The last line is incomplete or unchecksummed: a crash mid-write.
+    TornTail {
+        /// Byte offset where the torn line starts.
+        offset: u64,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// A bad record before the end, or a break in seq continuity.
+    Corrupt {
+        /// Byte offset where the bad line starts.
+        offset: u64,
+        /// The seq that should have been there.
+        expected_seq: Seq,
+        /// What was wrong with it.
+        reason: String,
+    },
+}
+
+impl DecodeError {
+    /// Byte offset of the first line that does not count.
+    pub fn offset(&self) -> u64 {
+        match self {
+            DecodeError::TornTail { offset, .. } | DecodeError::Corrupt { offset, .. } => *offset,
+        }
+    }
+}
+
+/// The result of scanning a segment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decoded {
+    /// The records of the valid prefix, consecutive from the segment's first seq.
+    pub records: Vec<Record>,
+    /// End offset of each record (the byte after its newline).
+    pub ends: Vec<u64>,
+    /// Length of the valid prefix in bytes.
+    pub valid_len: u64,
+    /// Why scanning stopped early, if it did.
+    pub error: Option<DecodeError>,
+}
+
+/// Scans `bytes`, whose first record must have seq `first`.
+pub fn decode(bytes: &[u8], first: Seq) -> Decoded {
+    let mut out = Decoded::default();
+    let mut pos = 0usize;
+    let mut expected = first;
+    while pos < bytes.len() {
+        let Some(nl) = bytes[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|i| pos + i)
+        else {
+            out.error = Some(DecodeError::TornTail {
+                offset: pos as u64,
+                reason: "last line has no newline".into(),
+            });
+            break;
+        };
+        let is_last = nl + 1 == bytes.len();
+        match decode_line(&bytes[pos..nl]) {
+            Ok(r) if r.seq == expected => {
+                out.records.push(r);
+                pos = nl + 1;
+                out.ends.push(pos as u64);
+                expected = expected.next();
+            }
+            Ok(r) => {
+                let reason = format!("record has seq {} where {} was expected", r.seq, expected);
+                out.error = Some(DecodeError::Corrupt {
+                    offset: pos as u64,
+                    expected_seq: expected,
+                    reason,
+                });
+                break;
+            }
+            Err(e) if is_last => {
+                out.error = Some(DecodeError::TornTail {
+                    offset: pos as u64,
+                    reason: e.to_string(),
+                });
+                break;
+            }
+            Err(e) => {
+                out.error = Some(DecodeError::Corrupt {
+                    offset: pos as u64,
+                    expected_seq: expected,
+                    reason: e.to_string(),
+                });
+                break;
+            }
+        }
+    }
+    out.valid_len = pos as u64;
+    out
+}
+
+/// Encodes records into one buffer (one write for a whole group commit), asserting that
+/// they are consecutive: the paired check of the one `decode` makes after reading.
+pub fn encode_batch<'a>(records: impl IntoIterator<Item = &'a Record>, out: &mut Vec<u8>) {
+    let mut prev: Option<Seq> = None;
+    for r in records {
+        if let Some(p) = prev {
+            assert_eq!(r.seq, p.next(), "a WAL batch must be consecutive");
+        }
+        prev = Some(r.seq);
+        encode_into(r, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::put;
+
+    fn log(n: u64) -> (Vec<Record>, Vec<u8>) {
+        let records: Vec<Record> = (1..=n)
+            .map(|i| put(i, &format!("key{i}"), &"v".repeat(i as usize)))
+            .collect();
+        let mut bytes = Vec::new();
+        encode_batch(&records, &mut bytes);
+        (records, bytes)
+    }
+
+    #[test]
+    fn round_trip() {
+        let (records, bytes) = log(20);
+        let d = decode(&bytes, Seq(1));
+        assert_eq!(d.records, records);
+        assert_eq!(d.valid_len, bytes.len() as u64);
+        assert_eq!(d.error, None);
+    }
+
+    #[test]
+    fn truncation_at_every_offset_recovers_exactly_the_complete_prefix() {
+        let (records, bytes) = log(8);
+        let ends = decode(&bytes, Seq(1)).ends;
+        for cut in 0..=bytes.len() {
+            let d = decode(&bytes[..cut], Seq(1));
+            let complete = ends.iter().filter(|&&e| e as usize <= cut).count();
+            assert_eq!(d.records, records[..complete], "cut at {cut}");
+            let prefix_end = if complete == 0 { 0 } else { ends[complete - 1] };
+            assert_eq!(d.valid_len, prefix_end, "cut at {cut}");
+            match d.error {
+                None => assert_eq!(cut as u64, prefix_end),
+                Some(DecodeError::TornTail { offset, .. }) => assert_eq!(offset, prefix_end),
+                Some(e) => panic!("cut at {cut}: a truncated log is torn, not corrupt: {e:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bit_flip_in_middle_record_is_corruption_at_its_offset() {
+        let (_, mut bytes) = log(10);
+        let ends = decode(&bytes, Seq(1)).ends;
+        let start = ends[4] as usize; // record 6 starts here
+        bytes[start + 20] ^= 0x04;
+        let d = decode(&bytes, Seq(1));
+        assert_eq!(d.records.len(), 5);
+        match d.error {
+            Some(DecodeError::Corrupt {
+                offset,
+                expected_seq,
+                ..
+            }) => {
+                assert_eq!(offset, start as u64);
+                assert_eq!(expected_seq, Seq(6));
+            }
+            other => panic!("expected corruption, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_last_complete_line_is_torn() {
+        let (_, mut bytes) = log(3);
+        let n = bytes.len();
+        bytes[n - 5] ^= 0x01;
+        let d = decode(&bytes, Seq(1));
+        assert_eq!(d.records.len(), 2);
+        assert!(matches!(d.error, Some(DecodeError::TornTail { .. })));
+    }
+
+    #[test]
+    fn seq_gap_is_corruption() {
+        let mut bytes = Vec::new();
+        encode_into(&put(1, "a", "1"), &mut bytes);
+        encode_into(&put(3, "b", "2"), &mut bytes);
+        let d = decode(&bytes, Seq(1));
+        assert_eq!(d.records.len(), 1);
+        assert!(matches!(
+            d.error,
+            Some(DecodeError::Corrupt {
+                expected_seq: Seq(2),
+                ..
+            })
+        ));
+        let d = decode(&bytes, Seq(5));
+        assert!(matches!(
+            d.error,
+            Some(DecodeError::Corrupt {
+                offset: 0,
+                expected_seq: Seq(5),
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,447 @@
+//! The write-ahead log (WAL): on-disk format, recovery rules and the writer.
+//!
+//! # On-disk format
+//!
+//! The data directory holds:
+//!
+//! - `wal-<first seq, 20 digits>.log`: segments. Each line is one record encoded by
+//!   `walkv_shared::record::encode`: a JSON object whose first member `crc` is the CRC32C
+//!   of the rest of the line, then `seq`, `epoch`, `client`, `op_no` and the operation.
+//!   Records are consecutive: each seq is exactly one more than the previous one, across
+//!   segments too.
+//! - `snapshot-<seq, 20 digits>.json`: the state after record `seq` (see [`crate::snapshot`]).
+//! - `epoch`: the highest frontend epoch the node has seen (written atomically).
+//! - `LOCK`: locked by the running process; a second process refuses to start.
+//!
+//! # Recovery (at start, and after `truncate` / `install_snapshot`)
+//!
+//! 1. Load the newest snapshot whose checksum verifies (an unreadable one is logged and
+//!    the next older one tried).
+//! 2. Scan segments in order with [`codec::decode`], skipping records the snapshot covers,
+//!    and apply the rest with `Store::apply`, the same function live appends use.
+//! 3. A record after the snapshot must be exactly the next seq; a segment that starts
+//!    beyond the next expected seq is a **gap** and is refused.
+//! 4. A torn last line of the last segment is a crash mid-write: the file is truncated to
+//!    the valid prefix (`set_len` + fsync) and a warning names file, offset and seq.
+//! 5. Anything else (a bad line followed by data, a seq break, a torn line in an older
+//!    segment) is **corruption**: the node refuses to start, naming file, offset and the
+//!    seq expected there. With `discard_corrupt_tail` it instead keeps a
+//!    `<segment>.corrupt-<unix time>` copy, cuts the log at the bad record (later
+//!    segments are renamed the same way) and relies on catch-up for the rest.
+//!
+//! # Writing
+//!
+//! [`writer`] owns the open segment on a dedicated thread and group-commits: one write
+//! and one `sync_data` per batch, nobody acked before it returns, and any IO error stops
+//! the node (fail-stop; an fsync error is never retried because the kernel may have
+//! dropped the dirty pages).
+
+pub mod codec;
+pub mod file;
+pub mod writer;
+
+use crate::snapshot;
+use crate::store::{SnapshotData, Store};
+use codec::{DecodeError, Decoded};
+use file::WalFile;
+use std::path::{Path, PathBuf};
+use tracing::{error, info, warn};
+use walkv_shared::Seq;
+
+/// Why a data directory cannot be used as it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecoveryError {
+    /// A file could not be read, written or listed.
+    Io(String),
+    /// The data is corrupt or has a gap; the message names file, offset and seq.
+    Corrupt(String),
+}
+
+impl std::fmt::Display for RecoveryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecoveryError::Io(m) => write!(f, "disk error during recovery: {m}"),
+            RecoveryError::Corrupt(m) => write!(f, "corrupt data directory: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for RecoveryError {}
+
+fn io_err<'a>(what: &str, path: &'a Path) -> impl Fn(std::io::Error) -> RecoveryError + 'a {
+    let what = what.to_string();
+    move |e| RecoveryError::Io(format!("{what} {}: {e}", path.display()))
+}
+
+/// One segment as read from disk.
+#[derive(Debug)]
+pub struct SegmentScan {
+    /// Path of the segment.
+    pub path: PathBuf,
+    /// First seq, from the file name.
+    pub first: Seq,
+    /// Its decoded records and where scanning stopped.
+    pub decoded: Decoded,
+    /// Length of the file in bytes.
+    pub file_len: u64,
+}
+
+/// Everything in a data directory, read but not modified.
+#[derive(Debug, Default)]
+pub struct Inspection {
+    /// The newest snapshot that verifies, with its path.
+    pub snapshot: Option<(PathBuf, SnapshotData)>,
+    /// Snapshots that failed verification (newer than the one used).
+    pub bad_snapshots: Vec<String>,
+    /// Every segment, in order.
+    pub segments: Vec<SegmentScan>,
+}
+
+/// Reads the snapshot and every segment of `dir` without changing anything.
+pub fn inspect(dir: &Path) -> Result<Inspection, RecoveryError> {
+    let mut out = Inspection::default();
+    for (_, path) in snapshot::list(dir)
+        .map_err(io_err("cannot list", dir))?
+        .into_iter()
+        .rev()
+    {
+        match snapshot::read(&path) {
+            Ok(data) => {
+                out.snapshot = Some((path, data));
+                break;
+            }
+            Err(e) => out.bad_snapshots.push(e),
+        }
+    }
+    for (first, path) in file::list_segments(dir).map_err(io_err("cannot list", dir))? {
+        let bytes = std::fs::read(&path).map_err(io_err("cannot read", &path))?;
+        let decoded = codec::decode(&bytes, first);
+        out.segments.push(SegmentScan {
+            path,
+            first,
+            decoded,
+            file_len: bytes.len() as u64,
+        });
+    }
+    Ok(out)
+}
+
+/// Where replay stopped early.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Index of the segment in [`Inspection::segments`].
+    pub segment: usize,
+    /// The segment's path.
+    pub path: PathBuf,
+    /// Byte offset of the first bad byte.
+    pub offset: u64,
+    /// The seq that should have been there.
+    pub expected_seq: Seq,
+    /// A torn last line (crash artifact) rather than corruption.
+    pub torn: bool,
+    /// What was wrong.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} at offset {} (expected seq {}): {}",
+            self.path.display(),
+            self.offset,
+            self.expected_seq,
+            self.reason
+        )
+    }
+}
+
+/// Rebuilds the state from an inspection: snapshot, then every record after it.
+/// Returns the store (the valid prefix) and the first problem met, if any.
+/// A gap between the snapshot and the WAL, or between segments, is an error.
+pub fn replay(ins: &Inspection) -> Result<(Store, Option<Problem>), RecoveryError> {
+    let mut store = match &ins.snapshot {
+        Some((_, data)) => Store::from_snapshot(data.clone()),
+        None => Store::new(),
+    };
+    let last = ins.segments.len().saturating_sub(1);
+    for (i, seg) in ins.segments.iter().enumerate() {
+        let expected = store.pos().seq.next();
+        if seg.first > expected {
+            let base = match &ins.snapshot {
+                Some((p, d)) => format!("snapshot {} covers up to seq {}", p.display(), d.pos.seq),
+                None => "there is no snapshot".to_string(),
+            };
+            let bad = if ins.bad_snapshots.is_empty() {
+                String::new()
+            } else {
+                format!("; unreadable snapshots: {}", ins.bad_snapshots.join("; "))
+            };
+            return Err(RecoveryError::Corrupt(format!(
+                "gap in the log: {} starts at seq {} but {base}, so seq {expected} is missing{bad}",
+                seg.path.display(),
+                seg.first
+            )));
+        }
+        for r in &seg.decoded.records {
+            if r.seq > store.pos().seq {
+                if r.seq != store.pos().seq.next() {
+                    return Err(RecoveryError::Corrupt(format!(
+                        "{}: seq {} follows seq {} (overlapping segments)",
+                        seg.path.display(),
+                        r.seq,
+                        store.pos().seq
+                    )));
+                }
+                store.apply(r);
+            }
+        }
+        if let Some(e) = &seg.decoded.error {
+            let first_bad = Seq(seg.first.0 + seg.decoded.records.len() as u64);
+            let (torn, reason, expected_seq) = match e {
+                DecodeError::TornTail { reason, .. } => (i == last, reason.clone(), first_bad),
+                DecodeError::Corrupt {
+                    reason,
+                    expected_seq,
+                    ..
+                } => (false, reason.clone(), *expected_seq),
+            };
+            let problem = Problem {
+                segment: i,
+                path: seg.path.clone(),
+                offset: e.offset(),
+                expected_seq,
+                torn,
+                reason,
+            };
+            return Ok((store, Some(problem)));
+        }
+    }
+    Ok((store, None))
+}
+
+/// The result of opening a data directory for writing.
+#[derive(Debug)]
+pub struct Recovered {
+    /// The state after the last valid record.
+    pub store: Store,
+    /// The segment to append to.
+    pub wal: WalFile,
+    /// Records replayed from the WAL on top of the snapshot.
+    pub replayed: u64,
+}
+
+/// Opens `dir` for writing: recovery as described in the module docs.
+pub fn recover(
+    dir: &Path,
+    fsync: bool,
+    discard_corrupt_tail: bool,
+) -> Result<Recovered, RecoveryError> {
+    remove_temp_files(dir)?;
+    // Bounded: each round either succeeds or cuts the log shorter; a second problem after
+    // a cut would mean the cut did not take effect.
+    for _ in 0..MAX_REPAIR_ROUNDS {
+        let ins = inspect(dir)?;
+        let (store, problem) = replay(&ins)?;
+        let Some(p) = problem else {
+            return finish(dir, &ins, store, fsync);
+        };
+        if p.torn {
+            let seg = &ins.segments[p.segment];
+            warn!(file = %p.path.display(), offset = p.offset, seq = %p.expected_seq, bytes = seg.file_len - p.offset, reason = %p.reason, "torn WAL tail truncated (crash mid-write)");
+            file::truncate_file(&p.path, p.offset).map_err(io_err("cannot truncate", &p.path))?;
+            continue;
+        }
+        if !discard_corrupt_tail {
+            return Err(RecoveryError::Corrupt(format!("corrupt WAL record: {p}; refusing to start (the file is kept for inspection; --discard-corrupt-tail cuts the log there and relies on catch-up)")));
+        }
+        discard_from(dir, &ins, &p)?;
+    }
+    Err(RecoveryError::Corrupt(format!(
+        "{}: the WAL could not be repaired",
+        dir.display()
+    )))
+}
+
+/// Most repair passes `recover` makes (one torn-tail truncation plus one corruption cut).
+const MAX_REPAIR_ROUNDS: usize = 4;
+
+fn finish(
+    dir: &Path,
+    ins: &Inspection,
+    store: Store,
+    fsync: bool,
+) -> Result<Recovered, RecoveryError> {
+    let next = store.pos().seq.next();
+    let snap_seq = store.snapshot_pos().seq;
+    let replayed = store.pos().seq.0 - snap_seq.0;
+    // Append to the last segment only if it ends exactly where the store does; otherwise
+    // (no segments, or a leftover segment wholly covered by the snapshot) start a new one.
+    let wal = match ins.segments.last() {
+        Some(seg) if seg.first.0 + seg.decoded.records.len() as u64 == next.0 => {
+            WalFile::open_append(&seg.path, seg.first, fsync)
+                .map_err(io_err("cannot open", &seg.path))?
+        }
+        _ => {
+            if ins.segments.iter().any(|s| s.first == next) {
+                return Err(RecoveryError::Corrupt(format!(
+                    "{}: segment for seq {next} exists but does not continue the log",
+                    dir.display()
+                )));
+            }
+            WalFile::create(dir, next, fsync).map_err(io_err("cannot create segment in", dir))?
+        }
+    };
+    Ok(Recovered {
+        store,
+        wal,
+        replayed,
+    })
+}
+
+fn discard_from(dir: &Path, ins: &Inspection, p: &Problem) -> Result<(), RecoveryError> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let keep = |path: &Path| PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+    std::fs::copy(&p.path, keep(&p.path)).map_err(io_err("cannot copy", &p.path))?;
+    for seg in &ins.segments[p.segment + 1..] {
+        std::fs::rename(&seg.path, keep(&seg.path)).map_err(io_err("cannot rename", &seg.path))?;
+    }
+    file::truncate_file(&p.path, p.offset).map_err(io_err("cannot truncate", &p.path))?;
+    file::sync_dir(dir).map_err(io_err("cannot sync", dir))?;
+    error!(file = %p.path.display(), offset = p.offset, seq = %p.expected_seq, reason = %p.reason, copy = %keep(&p.path).display(), "corrupt WAL tail discarded (--discard-corrupt-tail); records from this seq on must come back by catch-up");
+    Ok(())
+}
+
+fn remove_temp_files(dir: &Path) -> Result<(), RecoveryError> {
+    for entry in std::fs::read_dir(dir).map_err(io_err("cannot list", dir))? {
+        let entry = entry.map_err(io_err("cannot list", dir))?;
+        if entry.file_name().to_string_lossy().ends_with(".tmp") {
+            info!(file = %entry.path().display(), "removing leftover temp file from an interrupted write");
+            std::fs::remove_file(entry.path()).map_err(io_err("cannot remove", &entry.path()))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::put;
+    use walkv_shared::record::encode_into;
+    use walkv_shared::Record;
+
+    fn records(from: u64, to: u64) -> Vec<Record> {
+        (from..=to)
+            .map(|i| put(i, &format!("k{}", i % 7), &format!("v{i}")))
+            .collect()
+    }
+
+    fn write_segment(dir: &Path, recs: &[Record]) -> PathBuf {
+        let mut bytes = Vec::new();
+        codec::encode_batch(recs, &mut bytes);
+        let path = dir.join(file::segment_name(recs[0].seq));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn full_replay(recs: &[Record]) -> Store {
+        let mut s = Store::new();
+        recs.iter().for_each(|r| {
+            s.apply(r);
+        });
+        s
+    }
+
+    #[test]
+    fn snapshot_plus_wal_equals_full_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = records(1, 60);
+        // The snapshot at 40 overlaps segment 31..50, as after a crash before cleanup.
+        write_segment(dir.path(), &all[30..50]);
+        write_segment(dir.path(), &all[50..60]);
+        let snap = full_replay(&all[..40]).snapshot_data();
+        snapshot::write(dir.path(), &snap).unwrap();
+        let r = recover(dir.path(), true, false).unwrap();
+        assert_eq!(r.store.digest(), full_replay(&all).digest());
+        assert_eq!(r.replayed, 20);
+    }
+
+    #[test]
+    fn gap_between_snapshot_and_wal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = records(1, 60);
+        snapshot::write(dir.path(), &full_replay(&all[..20]).snapshot_data()).unwrap();
+        write_segment(dir.path(), &all[30..60]);
+        let e = recover(dir.path(), true, false).unwrap_err();
+        assert!(
+            matches!(&e, RecoveryError::Corrupt(m) if m.contains("gap") && m.contains("seq 21")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn gap_without_snapshot_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_segment(dir.path(), &records(5, 9));
+        assert!(matches!(
+            recover(dir.path(), true, false),
+            Err(RecoveryError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn torn_tail_is_truncated_and_appendable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_segment(dir.path(), &records(1, 5));
+        let mut extra = Vec::new();
+        encode_into(&put(6, "x", "y"), &mut extra);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let good_len = bytes.len();
+        bytes.extend_from_slice(&extra[..extra.len() / 2]);
+        std::fs::write(&path, &bytes).unwrap();
+        let mut r = recover(dir.path(), true, false).unwrap();
+        assert_eq!(r.store.pos().seq, Seq(5));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len as u64);
+        r.wal.append(&extra).unwrap();
+        assert_eq!(
+            recover(dir.path(), true, false).unwrap().store.pos().seq,
+            Seq(6)
+        );
+    }
+
+    #[test]
+    fn corruption_refused_or_discarded_on_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_segment(dir.path(), &records(1, 10));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let offset = codec::decode(&bytes, Seq(1)).ends[3] as usize;
+        bytes[offset + 30] ^= 0x10;
+        std::fs::write(&path, &bytes).unwrap();
+        let e = recover(dir.path(), true, false).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("offset {offset}")) && e.contains("seq 5") && e.contains("wal-"),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "a refused start changes nothing"
+        );
+        let r = recover(dir.path(), true, true).unwrap();
+        assert_eq!(r.store.pos().seq, Seq(4));
+        let kept = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".corrupt-")
+            })
+            .count();
+        assert_eq!(kept, 1);
+    }
+}

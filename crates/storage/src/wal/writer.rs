@@ -1,0 +1,775 @@
+//! The WAL writer: one thread owns the open segment and every change to the store.
+//!
+//! Callers send commands over a bounded channel (actor pattern) and wait on a oneshot.
+//! The thread:
+//!
+//! 1. takes the next command; for an append it also drains whatever appends are already
+//!    queued, up to `wal_batch_max` records (**group commit**: everything that arrived
+//!    while the previous fsync ran shares the next one);
+//! 2. checks each append: epoch fencing (`Fenced`), records already present are skipped,
+//!    a gap is refused (`Gap`); raises and persists the highest epoch first if needed;
+//! 3. encodes the accepted records into one buffer, writes it and calls `sync_data` once;
+//! 4. applies them to the store in order with `Store::apply`, publishes the applied seq,
+//!    and only then replies to every sender;
+//! 5. every `snapshot_every` records, rolls to a new segment and hands a copy of the state
+//!    to a snapshot thread, so snapshot IO never sits on the write path.
+//!
+//! `truncate` and `install_snapshot` run on the same thread (after joining any snapshot
+//! in progress) and rebuild the store from disk with the same recovery code as startup.
+//!
+//! # Failure
+//!
+//! Any IO error is fail-stop: the failing batch and every pending and later command get
+//! `KvError::Io`, an error is logged once, and `NodeState::fatal` is set so the server
+//! shuts down and the process exits non-zero. Nothing is retried: after a failed fsync the
+//! kernel may have dropped the dirty pages, so a retry could "succeed" on lost data.
+
+use crate::snapshot;
+use crate::store::{SnapshotData, Store};
+use crate::wal::file::{self, WalFile};
+use crate::wal::{codec, recover};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info};
+use walkv_shared::types::{LogPosition, Outcome};
+use walkv_shared::{Epoch, KvError, Record, Seq};
+
+/// Commands queued for the writer. Bounded so that a flood of appends waits in the
+/// callers (and, through tarpc, in the frontend) instead of growing memory.
+pub const WRITER_CHANNEL_CAPACITY: usize = 4096;
+
+/// Name of the file holding the highest epoch seen.
+pub const EPOCH_FILE: &str = "epoch";
+
+/// State shared by the writer thread, the snapshot thread and the RPC handlers.
+#[derive(Debug)]
+pub struct NodeState {
+    /// The data directory.
+    pub dir: PathBuf,
+    /// The state machine. Only the writer (and the snapshot thread, to mark compaction)
+    /// takes the write lock; never held across an `.await`.
+    store: RwLock<Store>,
+    /// Seq of the last applied record, for reads waiting on `min_seq`.
+    pub applied: watch::Sender<Seq>,
+    /// Highest epoch seen (mirrors the `epoch` file).
+    pub highest_epoch: AtomicU64,
+    /// Set once, with the reason, when the node hits a disk error and stops.
+    pub fatal: watch::Sender<Option<String>>,
+    /// Group commits (one write + one fsync each) done so far; for tests and the bench.
+    pub wal_batches: AtomicU64,
+}
+
+impl NodeState {
+    /// Wraps a recovered store.
+    pub fn new(dir: PathBuf, store: Store, epoch: Epoch) -> Arc<NodeState> {
+        let applied = watch::Sender::new(store.pos().seq);
+        let highest_epoch = AtomicU64::new(epoch.0.max(store.pos().epoch.0));
+        Arc::new(NodeState {
+            dir,
+            store: RwLock::new(store),
+            applied,
+            highest_epoch,
+            fatal: watch::Sender::new(None),
+            wal_batches: AtomicU64::new(0),
+        })
+    }
+
+    /// Read access to the store.
+    pub fn store(&self) -> RwLockReadGuard<'_, Store> {
+        // A poisoned lock means the writer panicked on a broken invariant; serving on
+        // would expose half-applied state, so propagate the panic.
+        self.store
+            .read()
+            .expect("store lock poisoned by a panic in the writer")
+    }
+
+    fn store_mut(&self) -> RwLockWriteGuard<'_, Store> {
+        self.store
+            .write()
+            .expect("store lock poisoned by a panic in the writer")
+    }
+
+    /// The disk error that stopped the node, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.fatal.borrow().clone()
+    }
+
+    /// Stops the node: logs once and wakes everyone watching `fatal`.
+    pub fn fail(&self, why: String) {
+        if self.fatal.borrow().is_none() {
+            error!(reason = %why, "disk error: the node stops taking writes and exits (fail-stop)");
+            self.fatal.send_replace(Some(why));
+        }
+    }
+}
+
+/// Reads the `epoch` file (0 when absent).
+pub fn read_epoch(dir: &Path) -> std::io::Result<Epoch> {
+    match std::fs::read_to_string(dir.join(EPOCH_FILE)) {
+        Ok(s) => s.trim().parse().map(Epoch).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", dir.join(EPOCH_FILE).display()),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Epoch(0)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Settings of the writer.
+#[derive(Clone, Copy, Debug)]
+pub struct WriterConfig {
+    /// Most records per group commit.
+    pub batch_max: usize,
+    /// Records between snapshots.
+    pub snapshot_every: u64,
+    /// Whether to fsync (only negative-control tests turn this off).
+    pub fsync: bool,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, KvError>>;
+
+enum Command {
+    Append {
+        epoch: Epoch,
+        commit: Seq,
+        records: Vec<Record>,
+        reply: Reply<Vec<Outcome>>,
+    },
+    Truncate {
+        epoch: Epoch,
+        after: Seq,
+        reply: Reply<LogPosition>,
+    },
+    Install {
+        epoch: Epoch,
+        data: SnapshotData,
+        reply: Reply<LogPosition>,
+    },
+    Close,
+}
+
+/// Cheap handle for sending commands to the writer thread.
+#[derive(Clone, Debug)]
+pub struct WalWriter {
+    tx: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Append { .. } => "Append",
+            Command::Truncate { .. } => "Truncate",
+            Command::Install { .. } => "Install",
+            Command::Close => "Close",
+        })
+    }
+}
+
+/// The writer thread; [`WriterThread::join`] waits for it (and any snapshot) to finish.
+#[derive(Debug)]
+pub struct WriterThread(JoinHandle<()>);
+
+impl WriterThread {
+    /// Blocks until the thread has exited.
+    pub fn join(self) {
+        if self.0.join().is_err() {
+            error!("wal writer thread panicked");
+        }
+    }
+}
+
+fn closed() -> KvError {
+    KvError::Unavailable("storage node is shutting down".into())
+}
+
+impl WalWriter {
+    /// Starts the writer thread on a recovered segment.
+    pub fn start(
+        state: Arc<NodeState>,
+        wal: WalFile,
+        cfg: WriterConfig,
+    ) -> std::io::Result<(WalWriter, WriterThread)> {
+        let (tx, rx) = mpsc::channel(WRITER_CHANNEL_CAPACITY);
+        let mut w = Writer {
+            state,
+            wal,
+            cfg,
+            rx,
+            snapshot: None,
+        };
+        let handle = std::thread::Builder::new()
+            .name("wal-writer".into())
+            .spawn(move || w.run())?;
+        Ok((WalWriter { tx }, WriterThread(handle)))
+    }
+
+    /// Queues an append and returns the receiver of its outcome. Queue order is commit
+    /// order, so a caller that must keep seqs in order awaits this under its own lock and
+    /// the reply outside it.
+    pub async fn submit(
+        &self,
+        epoch: Epoch,
+        commit: Seq,
+        records: Vec<Record>,
+    ) -> Result<oneshot::Receiver<Result<Vec<Outcome>, KvError>>, KvError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Append {
+                epoch,
+                commit,
+                records,
+                reply,
+            })
+            .await
+            .map_err(|_| closed())?;
+        Ok(rx)
+    }
+
+    /// Appends records durably and returns one outcome per record.
+    pub async fn append(
+        &self,
+        epoch: Epoch,
+        commit: Seq,
+        records: Vec<Record>,
+    ) -> Result<Vec<Outcome>, KvError> {
+        self.submit(epoch, commit, records)
+            .await?
+            .await
+            .map_err(|_| closed())?
+    }
+
+    /// Drops every record after `after`.
+    pub async fn truncate(&self, epoch: Epoch, after: Seq) -> Result<LogPosition, KvError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Truncate {
+                epoch,
+                after,
+                reply,
+            })
+            .await
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    /// Replaces state and log with a snapshot.
+    pub async fn install(&self, epoch: Epoch, data: SnapshotData) -> Result<LogPosition, KvError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Install { epoch, data, reply })
+            .await
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    /// Asks the thread to exit after the commands queued before this one.
+    pub async fn close(&self) {
+        let _ = self.tx.send(Command::Close).await;
+    }
+}
+
+struct Writer {
+    state: Arc<NodeState>,
+    wal: WalFile,
+    cfg: WriterConfig,
+    rx: mpsc::Receiver<Command>,
+    snapshot: Option<JoinHandle<()>>,
+}
+
+/// An append that passed its checks: index of the first new record.
+struct Accepted {
+    records: Vec<Record>,
+    first_new: usize,
+    commit: Seq,
+    reply: Reply<Vec<Outcome>>,
+}
+
+impl Writer {
+    fn run(&mut self) {
+        let mut stash: Option<Command> = None;
+        loop {
+            let cmd = match stash.take() {
+                Some(c) => c,
+                None => match self.rx.blocking_recv() {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            match cmd {
+                Command::Close => break,
+                Command::Append { .. } => {
+                    let mut batch = vec![cmd];
+                    let mut n = 0;
+                    while n < self.cfg.batch_max {
+                        match self.rx.try_recv() {
+                            Ok(c @ Command::Append { .. }) => {
+                                if let Command::Append { records, .. } = &c {
+                                    n += records.len();
+                                }
+                                batch.push(c);
+                            }
+                            Ok(other) => {
+                                stash = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.append_batch(batch);
+                }
+                Command::Truncate {
+                    epoch,
+                    after,
+                    reply,
+                } => {
+                    let _ = reply.send(self.truncate(epoch, after));
+                }
+                Command::Install { epoch, data, reply } => {
+                    let _ = reply.send(self.install(epoch, data));
+                }
+            }
+        }
+        self.join_snapshot();
+        info!("wal writer closed");
+    }
+
+    fn io_error(&self) -> Option<KvError> {
+        self.state.failure().map(KvError::Io)
+    }
+
+    /// Fencing: refuse an epoch below the highest seen; persist a higher one first.
+    fn observe_epoch(&mut self, epoch: Epoch) -> Result<(), KvError> {
+        let seen = self.state.highest_epoch.load(Ordering::SeqCst);
+        if epoch.0 < seen {
+            return Err(KvError::Fenced { seen });
+        }
+        if epoch.0 > seen {
+            if let Err(e) = file::write_atomic(
+                &self.state.dir,
+                EPOCH_FILE,
+                format!("{}\n", epoch.0).as_bytes(),
+            ) {
+                let why = format!(
+                    "cannot persist epoch {} in {}: {e}",
+                    epoch.0,
+                    self.state.dir.display()
+                );
+                self.state.fail(why.clone());
+                return Err(KvError::Io(why));
+            }
+            self.state.highest_epoch.store(epoch.0, Ordering::SeqCst);
+            info!(epoch = epoch.0, "new highest epoch persisted");
+        }
+        Ok(())
+    }
+
+    fn append_batch(&mut self, batch: Vec<Command>) {
+        let mut next = self.state.store().pos().seq.next();
+        let mut accepted = Vec::with_capacity(batch.len());
+        for cmd in batch {
+            let Command::Append {
+                epoch,
+                commit,
+                records,
+                reply,
+            } = cmd
+            else {
+                unreachable!("only appends are batched")
+            };
+            if let Some(e) = self.io_error() {
+                let _ = reply.send(Err(e));
+                continue;
+            }
+            match self.check_append(epoch, &records, next) {
+                Ok(first_new) => {
+                    next = Seq(next.0 + (records.len() - first_new) as u64);
+                    accepted.push(Accepted {
+                        records,
+                        first_new,
+                        commit,
+                        reply,
+                    });
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+        let mut buf = Vec::new();
+        for a in &accepted {
+            codec::encode_batch(&a.records[a.first_new..], &mut buf);
+        }
+        if !buf.is_empty() {
+            if let Err(e) = self.wal.append(&buf) {
+                self.state.fail(format!(
+                    "cannot write or fsync {}: {e}",
+                    self.wal.path().display()
+                ));
+                for a in accepted {
+                    let _ = a.reply.send(Err(self
+                        .io_error()
+                        .unwrap_or_else(|| KvError::Io(e.to_string()))));
+                }
+                return;
+            }
+            self.state.wal_batches.fetch_add(1, Ordering::Relaxed);
+        }
+        // Durable now: apply in order and reply.
+        let mut replies = Vec::with_capacity(accepted.len());
+        {
+            let mut store = self.state.store_mut();
+            for a in accepted {
+                let mut outcomes: Vec<Outcome> = a.records[..a.first_new]
+                    .iter()
+                    .map(|r| store.outcome_of(r))
+                    .collect();
+                outcomes.extend(a.records[a.first_new..].iter().map(|r| store.apply(r)));
+                store.forget_tombstones(a.commit);
+                replies.push((a.reply, outcomes));
+            }
+            self.state.applied.send_replace(store.pos().seq);
+        }
+        for (reply, outcomes) in replies {
+            let _ = reply.send(Ok(outcomes));
+        }
+        self.maybe_snapshot();
+    }
+
+    /// Returns the index of the first record not yet in the log.
+    fn check_append(
+        &mut self,
+        epoch: Epoch,
+        records: &[Record],
+        next: Seq,
+    ) -> Result<usize, KvError> {
+        if records.windows(2).any(|w| w[1].seq != w[0].seq.next()) {
+            return Err(KvError::InvalidInput(
+                "append records must have consecutive seqs".into(),
+            ));
+        }
+        self.observe_epoch(epoch)?;
+        let first_new = records
+            .iter()
+            .position(|r| r.seq >= next)
+            .unwrap_or(records.len());
+        match records.get(first_new) {
+            Some(r) if r.seq != next => Err(KvError::Gap { expected: next }),
+            _ => Ok(first_new),
+        }
+    }
+
+    fn maybe_snapshot(&mut self) {
+        self.reap_snapshot();
+        let (pos, since) = {
+            let s = self.state.store();
+            (s.pos(), s.since_snapshot())
+        };
+        if self.snapshot.is_some()
+            || since < self.cfg.snapshot_every
+            || self.wal.first() == pos.seq.next()
+        {
+            return;
+        }
+        // Roll first, so every older segment is wholly covered by the snapshot.
+        match WalFile::create(&self.state.dir, pos.seq.next(), self.cfg.fsync) {
+            Ok(w) => self.wal = w,
+            Err(e) => {
+                return self.state.fail(format!(
+                    "cannot create segment for seq {} in {}: {e}",
+                    pos.seq.next(),
+                    self.state.dir.display()
+                ))
+            }
+        }
+        let data = self.state.store().snapshot_data();
+        let state = self.state.clone();
+        let spawned = std::thread::Builder::new()
+            .name("wal-snapshot".into())
+            .spawn(move || write_snapshot(&state, data));
+        match spawned {
+            Ok(h) => self.snapshot = Some(h),
+            Err(e) => self
+                .state
+                .fail(format!("cannot start snapshot thread: {e}")),
+        }
+    }
+
+    fn reap_snapshot(&mut self) {
+        if self.snapshot.as_ref().is_some_and(|h| h.is_finished()) {
+            self.join_snapshot();
+        }
+    }
+
+    fn join_snapshot(&mut self) {
+        if let Some(h) = self.snapshot.take() {
+            if h.join().is_err() {
+                self.state.fail("snapshot thread panicked".into());
+            }
+        }
+    }
+
+    fn truncate(&mut self, epoch: Epoch, after: Seq) -> Result<LogPosition, KvError> {
+        if let Some(e) = self.io_error() {
+            return Err(e);
+        }
+        self.observe_epoch(epoch)?;
+        self.join_snapshot();
+        let (pos, snap) = {
+            let s = self.state.store();
+            (s.pos(), s.snapshot_pos().seq)
+        };
+        if after >= pos.seq {
+            return Ok(pos);
+        }
+        let dir = self.state.dir.clone();
+        let result = if after < snap {
+            wipe(&dir)
+        } else {
+            cut_segments(&dir, after)
+        };
+        if let Err(e) = result {
+            let why = format!(
+                "cannot truncate the WAL in {} after seq {after}: {e}",
+                dir.display()
+            );
+            self.state.fail(why.clone());
+            return Err(KvError::Io(why));
+        }
+        let new_pos = self.reload()?;
+        info!(after = %after, from = %pos.seq, now = %new_pos.seq, wiped = after < snap, "wal truncated");
+        Ok(new_pos)
+    }
+
+    fn install(&mut self, epoch: Epoch, data: SnapshotData) -> Result<LogPosition, KvError> {
+        if let Some(e) = self.io_error() {
+            return Err(e);
+        }
+        self.observe_epoch(epoch)?;
+        self.join_snapshot();
+        let dir = self.state.dir.clone();
+        let seq = data.pos.seq;
+        let result = (|| -> std::io::Result<()> {
+            snapshot::write(&dir, &data)?;
+            file::remove_newest_first(&dir, &file::list_segments(&dir)?)?;
+            let older: Vec<_> = snapshot::list(&dir)?
+                .into_iter()
+                .filter(|(s, _)| *s != seq)
+                .collect();
+            file::remove_newest_first(&dir, &older)
+        })();
+        if let Err(e) = result {
+            let why = format!(
+                "cannot install snapshot at seq {seq} in {}: {e}",
+                dir.display()
+            );
+            self.state.fail(why.clone());
+            return Err(KvError::Io(why));
+        }
+        let pos = self.reload()?;
+        info!(seq = %seq, keys = data.items.len(), "snapshot installed");
+        Ok(pos)
+    }
+
+    /// Rebuilds the store from disk with the startup recovery code.
+    fn reload(&mut self) -> Result<LogPosition, KvError> {
+        match recover(&self.state.dir, self.cfg.fsync, false) {
+            Ok(r) => {
+                self.wal = r.wal;
+                let pos = r.store.pos();
+                *self.state.store_mut() = r.store;
+                self.state.applied.send_replace(pos.seq);
+                Ok(pos)
+            }
+            Err(e) => {
+                let why = format!("cannot reload the data directory: {e}");
+                self.state.fail(why.clone());
+                Err(KvError::Io(why))
+            }
+        }
+    }
+}
+
+/// Removes every segment and snapshot, newest first: a crash midway leaves a prefix.
+fn wipe(dir: &Path) -> std::io::Result<()> {
+    file::remove_newest_first(dir, &file::list_segments(dir)?)?;
+    file::remove_newest_first(dir, &snapshot::list(dir)?)
+}
+
+/// Removes segments that start after `after` (newest first) and cuts the one holding it.
+fn cut_segments(dir: &Path, after: Seq) -> std::io::Result<()> {
+    let segments = file::list_segments(dir)?;
+    let later: Vec<_> = segments
+        .iter()
+        .filter(|(f, _)| *f > after)
+        .cloned()
+        .collect();
+    file::remove_newest_first(dir, &later)?;
+    if let Some((first, path)) = segments.iter().rev().find(|(f, _)| *f <= after) {
+        let decoded = codec::decode(&std::fs::read(path)?, *first);
+        let keep = (after.0 - first.0 + 1) as usize;
+        if let Some(end) = decoded.ends.get(keep - 1) {
+            file::truncate_file(path, *end)?;
+        }
+    }
+    Ok(())
+}
+
+fn write_snapshot(state: &NodeState, data: SnapshotData) {
+    let started = std::time::Instant::now();
+    let pos = data.pos;
+    let keys = data.items.len();
+    match snapshot::write(&state.dir, &data)
+        .and_then(|_| snapshot::remove_superseded(&state.dir, pos.seq))
+    {
+        Ok(()) => {
+            state.store_mut().compacted(pos);
+            info!(seq = %pos.seq, keys, ms = started.elapsed().as_millis() as u64, "snapshot written, older WAL segments removed");
+        }
+        Err(e) => state.fail(format!(
+            "cannot write snapshot at seq {} in {}: {e}",
+            pos.seq,
+            state.dir.display()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::put;
+
+    fn open(dir: &Path, snapshot_every: u64) -> (Arc<NodeState>, WalWriter, WriterThread) {
+        let r = recover(dir, true, false).unwrap();
+        let state = NodeState::new(dir.to_path_buf(), r.store, read_epoch(dir).unwrap());
+        let (w, t) = WalWriter::start(
+            state.clone(),
+            r.wal,
+            WriterConfig {
+                batch_max: 1024,
+                snapshot_every,
+                fsync: true,
+            },
+        )
+        .unwrap();
+        (state, w, t)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_commit_acks_everything_with_fewer_fsyncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, w, t) = open(dir.path(), 1_000_000);
+        let order = Arc::new(tokio::sync::Mutex::new(0u64));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..32 {
+            let (w, order) = (w.clone(), order.clone());
+            tasks.spawn(async move {
+                for _ in 0..20 {
+                    let rx = {
+                        let mut seq = order.lock().await;
+                        *seq += 1;
+                        w.submit(Epoch(1), Seq(0), vec![put(*seq, &format!("k{seq}"), "v")])
+                            .await
+                            .unwrap()
+                    };
+                    assert!(matches!(
+                        rx.await.unwrap().unwrap()[0],
+                        Outcome::Written { .. }
+                    ));
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+        assert_eq!(state.store().pos().seq, Seq(640));
+        w.close().await;
+        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+        let fsyncs = state.wal_batches.load(Ordering::Relaxed);
+        assert!(
+            fsyncs < 640,
+            "640 concurrent appends took {fsyncs} fsyncs: no group commit"
+        );
+        let r = recover(dir.path(), true, false).unwrap();
+        assert_eq!(r.store.pos().seq, Seq(640));
+    }
+
+    #[tokio::test]
+    async fn skip_gap_fence_and_epoch_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_state, w, t) = open(dir.path(), 1_000_000);
+        assert_eq!(
+            w.append(Epoch(2), Seq(0), vec![put(1, "a", "1"), put(2, "b", "2")])
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        // Re-sent records are skipped, with their original outcome.
+        let out = w
+            .append(Epoch(2), Seq(0), vec![put(2, "b", "2"), put(3, "c", "3")])
+            .await
+            .unwrap();
+        assert_eq!(
+            out,
+            vec![
+                Outcome::Written { version: Seq(2) },
+                Outcome::Written { version: Seq(3) }
+            ]
+        );
+        assert_eq!(
+            w.append(Epoch(2), Seq(0), vec![put(5, "e", "5")]).await,
+            Err(KvError::Gap { expected: Seq(4) })
+        );
+        assert_eq!(
+            w.append(Epoch(1), Seq(0), vec![put(4, "d", "4")]).await,
+            Err(KvError::Fenced { seen: 2 })
+        );
+        w.close().await;
+        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+        assert_eq!(read_epoch(dir.path()).unwrap(), Epoch(2));
+    }
+
+    #[tokio::test]
+    async fn snapshots_trim_the_wal_and_truncate_rebuilds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, w, t) = open(dir.path(), 10);
+        for i in 1..=35 {
+            w.append(
+                Epoch(1),
+                Seq(0),
+                vec![put(i, &format!("k{}", i % 4), &format!("v{i}"))],
+            )
+            .await
+            .unwrap();
+        }
+        // Wait for the background snapshot to finish, then check the directory.
+        w.truncate(Epoch(1), Seq(35)).await.unwrap();
+        let snaps = snapshot::list(dir.path()).unwrap();
+        assert_eq!(snaps.len(), 1, "older snapshots removed: {snaps:?}");
+        assert!(file::list_segments(dir.path())
+            .unwrap()
+            .iter()
+            .all(|(f, _)| *f > snaps[0].0));
+        let before = state.store().digest();
+        let pos = w.truncate(Epoch(1), Seq(33)).await.unwrap();
+        assert_eq!(pos.seq, Seq(33));
+        let pos = w.truncate(Epoch(1), Seq(2)).await.unwrap();
+        assert_eq!(
+            pos.seq,
+            Seq(0),
+            "truncating below the snapshot wipes the node"
+        );
+        w.close().await;
+        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+        assert_ne!(before, state.store().digest());
+        assert_eq!(
+            recover(dir.path(), true, false).unwrap().store.pos().seq,
+            Seq(0)
+        );
+    }
+}
