@@ -1,0 +1,231 @@
+//! The control loop: drives recovery, the failure detector and catch-up tasks.
+//!
+//! Every [`CONTROL_TICK`]:
+//! - run the heartbeat failure detector;
+//! - while `Recovering`: bump and persist the epoch (once per recovery), ask
+//!   [`decide_recovery`] whether the registered nodes allow a decision, and if so confirm
+//!   the nodes' log ends with `identity`, truncate divergent tails, persist the new ISR and
+//!   epoch table entry `(epoch, L + 1)`, set the commit index to `L` and start serving;
+//! - while `Serving`: make sure every registered node outside the ISR has a catch-up task.
+//!
+//! Recovery runs under the write gate, so no batch is in flight while the truth is chosen.
+
+use crate::catchup::{decide_recovery, run_catchup, Candidate, Decision, Plan, RecoveryInput};
+use crate::cluster::Cluster;
+use crate::isr::join_ids;
+use crate::registry::detect_failures;
+use crate::state::EpochStart;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+use walkv_shared::types::LogPosition;
+use walkv_shared::{KvError, NodeId};
+
+/// Period of the control loop: bounds how late a failure, a registration or a finished
+/// recovery is acted upon, at negligible cost.
+pub const CONTROL_TICK: Duration = Duration::from_millis(50);
+
+/// When the first node relevant to recovery was seen (for the grace period).
+#[derive(Debug, Default)]
+struct Grace {
+    since: Option<Instant>,
+}
+
+/// Runs until shutdown; aborts catch-up tasks on the way out.
+pub async fn run(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(CONTROL_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut catchups: HashMap<NodeId, (u64, JoinHandle<()>)> = HashMap::new();
+    let mut grace = Grace::default();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+        detect_failures(&cluster).await;
+        if !cluster.m().serving() {
+            for (_, (_, task)) in catchups.drain() {
+                task.abort();
+            }
+            recovery_step(&cluster, &mut grace).await;
+            continue;
+        }
+        grace = Grace::default();
+        let wanted = cluster.m().catching_up();
+        catchups.retain(|id, (session, task)| {
+            let keep = !task.is_finished() && wanted.iter().any(|(w, s)| w == id && s == session);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (id, session) in wanted {
+            if let std::collections::hash_map::Entry::Vacant(slot) = catchups.entry(id.clone()) {
+                let task = tokio::spawn(run_catchup(cluster.clone(), id, session));
+                slot.insert((session, task));
+            }
+        }
+    }
+    for (_, (_, task)) in catchups.drain() {
+        task.abort();
+    }
+}
+
+/// One recovery attempt (see the module docs).
+async fn recovery_step(cluster: &Cluster, grace: &mut Grace) {
+    let _gate = cluster.gate.lock().await;
+    if cluster.m().bump_epoch_if_needed() {
+        let epoch = cluster.m().state.epoch;
+        if let Err(e) = cluster.persist().await {
+            error!(error = %e, "cannot persist the epoch bump; will retry");
+            return;
+        }
+        info!(epoch = %epoch, "epoch bumped for recovery");
+    }
+    let Some(plan) = decide(cluster, grace, None) else {
+        return;
+    };
+    // Positions from registrations may be stale (a re-run recovery): confirm them.
+    let mut fresh = Vec::new();
+    let candidates: Vec<NodeId> = cluster.m().live().map(|(id, _)| id.clone()).collect();
+    for id in candidates {
+        match cluster.pool.identity(&id).await {
+            Ok(who) if who.id == id => fresh.push(Candidate { id, pos: who.pos }),
+            Ok(who) => {
+                warn!(node = %id, answered = %who.id, "node answered identity with another id; ignoring it")
+            }
+            Err(e) => warn!(node = %id, error = %e, "cannot confirm log position for recovery"),
+        }
+    }
+    let Some(plan2) = decide(cluster, grace, Some(fresh)) else {
+        return;
+    };
+    if plan2 != plan {
+        info!("node positions changed while deciding; deciding again");
+        return;
+    }
+    if let Err(e) = execute(cluster, plan).await {
+        warn!(error = %e, "recovery attempt failed; retrying");
+    }
+}
+
+/// Runs the pure decision over the registered nodes (or the given fresh positions).
+fn decide(cluster: &Cluster, grace: &mut Grace, fresh: Option<Vec<Candidate>>) -> Option<Plan> {
+    let mut m = cluster.m();
+    let registered: Vec<Candidate> = fresh.unwrap_or_else(|| {
+        m.live()
+            .map(|(id, n)| Candidate {
+                id: id.clone(),
+                pos: n.pos,
+            })
+            .collect()
+    });
+    let relevant = registered.iter().any(|c| m.state.isr.contains(&c.id))
+        || (m.state.isr.is_empty() || cluster.config.unsafe_recover) && !registered.is_empty();
+    if relevant && grace.since.is_none() {
+        grace.since = Some(Instant::now());
+    }
+    let grace_over = grace
+        .since
+        .is_some_and(|t| t.elapsed() >= cluster.config.recovery_grace());
+    let input = RecoveryInput {
+        table: &m.state.epoch_table,
+        isr: &m.state.isr,
+        registered: &registered,
+        grace_over,
+        unsafe_recover: cluster.config.unsafe_recover,
+    };
+    match decide_recovery(&input) {
+        Decision::Wait { reason } => {
+            m.set_recovering_reason(reason);
+            None
+        }
+        Decision::Recover(plan) => Some(plan),
+    }
+}
+
+/// Truncates, persists and starts serving. Called with the write gate held.
+async fn execute(cluster: &Cluster, plan: Plan) -> Result<(), KvError> {
+    let epoch = cluster.m().state.epoch;
+    let truth_snapshot = cluster
+        .m()
+        .node(&plan.truth)
+        .map(|n| n.snapshot_seq)
+        .unwrap_or_default();
+    if plan.truncate.iter().any(|(id, _)| *id == plan.truth) && truth_snapshot > plan.point {
+        let why = format!(
+            "the truth {} has a snapshot at seq {truth_snapshot} beyond its matching point {}; truncating would wipe it",
+            plan.truth, plan.point
+        );
+        error!("{why}");
+        cluster.m().set_recovering_reason(why.clone());
+        return Err(KvError::Internal(why));
+    }
+    let mut isr = Vec::new();
+    for id in &plan.isr {
+        let target = plan.truncate.iter().find(|(t, _)| t == id).map(|(_, s)| *s);
+        match target {
+            None => isr.push(id.clone()),
+            Some(after) => {
+                info!(node = %id, after = %after, "truncating divergent tail");
+                match cluster.pool.truncate(id, epoch, after).await {
+                    Ok(pos) if pos.seq == after => isr.push(id.clone()),
+                    Ok(pos) => {
+                        warn!(node = %id, now = %pos.seq, wanted = %after, "truncation went further; node will catch up")
+                    }
+                    Err(e) if *id == plan.truth => return Err(e),
+                    Err(e) => {
+                        warn!(node = %id, error = %e, "truncation failed; node will catch up")
+                    }
+                }
+            }
+        }
+    }
+    if !isr.contains(&plan.truth) {
+        return Err(KvError::Internal(format!(
+            "the truth {} could not be truncated to seq {}",
+            plan.truth, plan.point
+        )));
+    }
+    if let Some(loss) = &plan.unsafe_loss {
+        error!(
+            truth = %plan.truth,
+            lost_from_seq = %loss.from,
+            missing = %join_ids(loss.missing.iter()),
+            "UNSAFE RECOVERY: no member of the last in-sync set is reachable; taking {} (log up to seq {}) as the truth. \
+             Acknowledged writes with seq >= {} may be lost",
+            plan.truth, plan.point, loss.from
+        );
+    }
+    {
+        let mut m = cluster.m();
+        m.state.isr = isr.iter().cloned().collect();
+        m.state.epoch_table.push(EpochStart {
+            epoch,
+            start_seq: plan.point.next(),
+        });
+        for id in &isr {
+            if let Some(n) = m.node_mut(id) {
+                n.pos = LogPosition {
+                    epoch: n.pos.epoch,
+                    seq: plan.point,
+                };
+                n.applied = plan.point;
+            }
+        }
+    }
+    cluster.persist().await?;
+    cluster.commit_tx.send_replace(plan.point);
+    cluster.m().finish_recovery(plan.point.next());
+    info!(
+        epoch = %epoch,
+        truth = %plan.truth,
+        commit = %plan.point,
+        isr = %join_ids(isr.iter()),
+        "recovery decided: serving"
+    );
+    Ok(())
+}

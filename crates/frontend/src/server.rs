@@ -1,0 +1,149 @@
+//! `FrontendServer`: the `Frontend` service clients call. A thin adapter: it validates
+//! input, then hands writes to the sequencer and reads to [`crate::reads`].
+//!
+//! Validation: an empty key is `InvalidKey`; a key over `max_key_bytes` or a value over
+//! `max_value_bytes` is `TooLarge { what, limit }`; a scan `limit` of 0 or above
+//! [`MAX_SCAN_LIMIT`] is clamped to [`MAX_SCAN_LIMIT`]. Every request ends within
+//! `request_timeout_ms` (a write still in the queue or in flight then answers `Timeout`:
+//! its outcome is unknown and a retry with the same op number settles it).
+
+use crate::cluster::Cluster;
+use crate::reads;
+use crate::sequencer::WriteJob;
+use std::sync::Arc;
+use std::time::Instant;
+use tarpc::context::Context;
+use tokio::sync::oneshot;
+use tracing::{info, instrument};
+use walkv_shared::rpc::Frontend;
+use walkv_shared::types::{ClusterStatus, KeyValue, Versioned, WriteOp, WriteRequest, WriteResult};
+use walkv_shared::{Epoch, KvError, NodeId};
+
+/// Largest number of items one scan returns, so one reply stays bounded.
+pub const MAX_SCAN_LIMIT: u32 = 10_000;
+
+/// Serves `Frontend` for one connection.
+#[derive(Clone, Debug)]
+pub struct FrontendServer {
+    cluster: Arc<Cluster>,
+}
+
+impl FrontendServer {
+    /// A server over the shared cluster handle.
+    pub fn new(cluster: Arc<Cluster>) -> FrontendServer {
+        FrontendServer { cluster }
+    }
+
+    fn check_key(&self, key: &str) -> Result<(), KvError> {
+        if key.is_empty() {
+            return Err(KvError::InvalidKey("key is empty".into()));
+        }
+        let limit = self.cluster.config.max_key_bytes;
+        if key.len() > limit as usize {
+            return Err(KvError::TooLarge {
+                what: "key".into(),
+                limit: limit.into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, value: &str) -> Result<(), KvError> {
+        let limit = self.cluster.config.max_value_bytes;
+        if value.len() > limit as usize {
+            return Err(KvError::TooLarge {
+                what: "value".into(),
+                limit: limit.into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_write(&self, op: &WriteOp) -> Result<(), KvError> {
+        self.check_key(op.key())?;
+        match op {
+            WriteOp::Put { value, .. } | WriteOp::Cas { value, .. } => self.check_value(value),
+            WriteOp::Delete { .. } => Ok(()),
+        }
+    }
+}
+
+impl Frontend for FrontendServer {
+    async fn ping(self, _: Context) -> Epoch {
+        self.cluster.m().state.epoch
+    }
+
+    #[instrument(level = "debug", skip(self, _ctx))]
+    async fn get(self, _ctx: Context, client: String, key: String) -> Result<Versioned, KvError> {
+        self.check_key(&key)?;
+        reads::get(&self.cluster, key).await
+    }
+
+    #[instrument(level = "debug", skip(self, _ctx), fields(client = %req.client, op_no = req.op_no))]
+    async fn write(self, _ctx: Context, req: WriteRequest) -> Result<WriteResult, KvError> {
+        self.check_write(&req.op)?;
+        let deadline = Instant::now() + self.cluster.config.request_timeout();
+        let (tx, rx) = oneshot::channel();
+        let queued = tokio::time::timeout_at(
+            deadline.into(),
+            self.cluster.writes.send(WriteJob { req, reply: tx }),
+        )
+        .await;
+        match queued {
+            Err(_) => return Err(KvError::Unavailable("write queue is full".into())),
+            Ok(Err(_)) => return Err(KvError::Unavailable("frontend is shutting down".into())),
+            Ok(Ok(())) => {}
+        }
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Err(_) => Err(KvError::Timeout(format!(
+                "no answer within {} ms; the write may or may not have committed",
+                self.cluster.config.request_timeout_ms
+            ))),
+            Ok(Err(_)) => Err(KvError::Timeout(
+                "frontend stopped before answering; outcome unknown".into(),
+            )),
+            Ok(Ok(result)) => result,
+        }
+    }
+
+    #[instrument(level = "debug", skip(self, _ctx))]
+    async fn scan(
+        self,
+        _ctx: Context,
+        client: String,
+        prefix: String,
+        limit: u32,
+    ) -> Result<Vec<KeyValue>, KvError> {
+        let max = self.cluster.config.max_key_bytes;
+        if prefix.len() > max as usize {
+            return Err(KvError::TooLarge {
+                what: "prefix".into(),
+                limit: max.into(),
+            });
+        }
+        let limit = if limit == 0 {
+            MAX_SCAN_LIMIT
+        } else {
+            limit.min(MAX_SCAN_LIMIT)
+        };
+        reads::scan(&self.cluster, prefix, limit).await
+    }
+
+    async fn status(self, _: Context) -> ClusterStatus {
+        self.cluster.m().status(
+            self.cluster.commit(),
+            self.cluster.config.min_insync,
+            Instant::now(),
+        )
+    }
+
+    async fn remove_node(self, _: Context, id: NodeId) -> Result<(), KvError> {
+        let _gate = self.cluster.gate.lock().await;
+        self.cluster.m().retire(&id)?;
+        self.cluster.pool.forget(&id);
+        self.cluster.persist().await?;
+        let isr = crate::isr::join_ids(self.cluster.m().state.isr.iter());
+        info!(node = %id, isr = %isr, "node retired with remove_node");
+        Ok(())
+    }
+}
