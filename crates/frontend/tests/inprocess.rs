@@ -1,0 +1,905 @@
+//! In-process tests of the frontend against fake in-memory storage nodes.
+//!
+//! The fake implements the `Storage` service over a plain `Vec<Record>` log (the apply rules
+//! of docs/DESIGN.md, including the exactly-once table), registers through `Registry` and
+//! heartbeats like a real node. It can be told to fail every RPC or to stop heartbeating,
+//! and can compact its log to exercise the snapshot path of catch-up. Real processes, kill -9
+//! and restart drills live in the workspace's `tests/` package.
+
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tarpc::context::Context;
+use tarpc::server::{BaseChannel, Channel};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use walkv_frontend::Config;
+use walkv_shared::rpc::*;
+use walkv_shared::transport::{connect, context_with_timeout, json_transport};
+use walkv_shared::types::*;
+use walkv_shared::{Epoch, KvError, NodeId, Record, Seq};
+
+const TOKEN: &str = "test-token";
+const FRAME: usize = 16 << 20;
+/// Overall bound of every wait in these tests.
+const WAIT: Duration = Duration::from_secs(15);
+
+#[derive(Default)]
+struct Data {
+    log: Vec<Record>,
+    /// Records at or below this seq were compacted into `snap` (the state after them).
+    snap_seq: Seq,
+    snap_epoch: Epoch,
+    snap: Option<Box<Applied>>,
+    epoch_seen: Epoch,
+}
+
+#[derive(Clone, Default)]
+struct Applied {
+    map: BTreeMap<String, (String, Seq)>,
+    clients: BTreeMap<String, (u64, Outcome)>,
+    touched: BTreeMap<String, Seq>,
+    applied: Seq,
+}
+
+impl Applied {
+    fn apply(&mut self, r: &Record) -> Outcome {
+        self.applied = r.seq;
+        if let Some((last, out)) = self.clients.get(&r.client) {
+            if r.op_no == *last {
+                return out.clone();
+            }
+            if r.op_no < *last {
+                return Outcome::StaleOp { last_op_no: *last };
+            }
+        }
+        let key = r.op.key().to_string();
+        let out = match &r.op {
+            WriteOp::Put { value, .. } => {
+                self.map.insert(key.clone(), (value.clone(), r.seq));
+                Outcome::Written { version: r.seq }
+            }
+            WriteOp::Delete { .. } => match self.map.remove(&key) {
+                Some(_) => Outcome::Written { version: r.seq },
+                None => Outcome::NotFound,
+            },
+            WriteOp::Cas {
+                expected, value, ..
+            } => {
+                let cur = self.map.get(&key).map(|v| v.1).unwrap_or_default();
+                if cur != *expected {
+                    Outcome::VersionMismatch { current: cur }
+                } else {
+                    self.map.insert(key.clone(), (value.clone(), r.seq));
+                    Outcome::Written { version: r.seq }
+                }
+            }
+        };
+        if matches!(out, Outcome::Written { .. }) {
+            self.touched.insert(key, r.seq);
+        }
+        self.clients
+            .insert(r.client.clone(), (r.op_no, out.clone()));
+        out
+    }
+}
+
+impl Data {
+    fn state(&self) -> Applied {
+        let mut a = self.snap.as_deref().cloned().unwrap_or_default();
+        a.applied = a.applied.max(self.snap_seq);
+        for r in &self.log {
+            a.apply(r);
+        }
+        a
+    }
+    fn pos(&self) -> LogPosition {
+        match self.log.last() {
+            Some(r) => LogPosition {
+                epoch: r.epoch,
+                seq: r.seq,
+            },
+            None => LogPosition {
+                epoch: self.snap_epoch,
+                seq: self.snap_seq,
+            },
+        }
+    }
+}
+
+/// A fake storage node.
+#[derive(Clone)]
+struct Fake {
+    id: NodeId,
+    instance: u64,
+    data: Arc<Mutex<Data>>,
+    failing: Arc<AtomicBool>,
+    silent: Arc<AtomicBool>,
+}
+
+impl Fake {
+    fn check(&self, token: &str) -> Result<(), KvError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(KvError::Io("injected failure".into()));
+        }
+        if token != TOKEN {
+            return Err(KvError::Unauthorized("token".into()));
+        }
+        Ok(())
+    }
+    fn fence(&self, d: &mut Data, epoch: Epoch) -> Result<(), KvError> {
+        if epoch < d.epoch_seen {
+            return Err(KvError::Fenced {
+                seen: d.epoch_seen.0,
+            });
+        }
+        d.epoch_seen = epoch;
+        Ok(())
+    }
+    fn contents(&self) -> (LogPosition, Vec<(String, String, Seq)>) {
+        let d = self.data.lock().unwrap();
+        let s = d.state();
+        (
+            d.pos(),
+            s.map
+                .iter()
+                .map(|(k, v)| (k.clone(), v.0.clone(), v.1))
+                .collect(),
+        )
+    }
+    /// Compacts everything applied into a snapshot (as a real node does periodically).
+    fn compact(&self) {
+        let mut d = self.data.lock().unwrap();
+        let st = d.state();
+        if let Some(last) = d.log.last().cloned() {
+            d.snap_seq = last.seq;
+            d.snap_epoch = last.epoch;
+        }
+        d.snap = Some(Box::new(st));
+        d.log.clear();
+    }
+}
+
+impl Storage for Fake {
+    async fn identity(self, _: Context, token: String) -> Result<NodeIdentity, KvError> {
+        self.check(&token)?;
+        Ok(NodeIdentity {
+            id: self.id.clone(),
+            instance: self.instance,
+            pos: self.data.lock().unwrap().pos(),
+        })
+    }
+    async fn append(
+        self,
+        _: Context,
+        token: String,
+        req: AppendRequest,
+    ) -> Result<Vec<Outcome>, KvError> {
+        self.check(&token)?;
+        let mut d = self.data.lock().unwrap();
+        self.fence(&mut d, req.epoch)?;
+        let mut st = d.state();
+        let mut outs = Vec::new();
+        for r in req.records {
+            if r.seq <= d.pos().seq {
+                outs.push(Outcome::Written { version: r.seq });
+                continue;
+            }
+            if r.seq != d.pos().seq.next() {
+                return Err(KvError::Gap {
+                    expected: d.pos().seq.next(),
+                });
+            }
+            outs.push(st.apply(&r));
+            d.log.push(r);
+        }
+        Ok(outs)
+    }
+    async fn read(
+        self,
+        _: Context,
+        token: String,
+        key: String,
+        min_seq: Seq,
+    ) -> Result<ReadReply, KvError> {
+        self.check(&token)?;
+        let d = self.data.lock().unwrap();
+        let st = d.state();
+        if st.applied < min_seq && d.pos().seq < min_seq {
+            return Err(KvError::Unavailable(format!(
+                "applied {} < {min_seq}",
+                st.applied
+            )));
+        }
+        let value = st.map.get(&key).map(|(v, s)| Versioned {
+            value: v.clone(),
+            version: *s,
+        });
+        Ok(ReadReply {
+            value,
+            last_touch: st.touched.get(&key).copied().unwrap_or_default(),
+        })
+    }
+    async fn scan(
+        self,
+        _: Context,
+        token: String,
+        prefix: String,
+        limit: u32,
+        min_seq: Seq,
+    ) -> Result<ScanReply, KvError> {
+        self.check(&token)?;
+        let d = self.data.lock().unwrap();
+        let st = d.state();
+        if d.pos().seq < min_seq {
+            return Err(KvError::Unavailable("behind".into()));
+        }
+        let items = st
+            .map
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .take(limit as usize)
+            .map(|(k, (v, s))| KeyValue {
+                key: k.clone(),
+                value: v.clone(),
+                version: *s,
+            })
+            .collect();
+        Ok(ScanReply {
+            items,
+            applied: d.pos().seq,
+        })
+    }
+    async fn truncate(
+        self,
+        _: Context,
+        token: String,
+        epoch: Epoch,
+        after: Seq,
+    ) -> Result<LogPosition, KvError> {
+        self.check(&token)?;
+        let mut d = self.data.lock().unwrap();
+        self.fence(&mut d, epoch)?;
+        if after < d.snap_seq {
+            *d = Data {
+                epoch_seen: d.epoch_seen,
+                ..Data::default()
+            };
+        } else {
+            d.log.retain(|r| r.seq <= after);
+        }
+        Ok(d.pos())
+    }
+    async fn fetch(
+        self,
+        _: Context,
+        token: String,
+        from: Seq,
+        max: u32,
+    ) -> Result<FetchReply, KvError> {
+        self.check(&token)?;
+        let d = self.data.lock().unwrap();
+        if from <= d.snap_seq {
+            let keys = d.snap.as_ref().map(|s| s.map.len() as u64).unwrap_or(0);
+            return Ok(FetchReply::SnapshotNeeded {
+                snapshot_seq: d.snap_seq,
+                keys,
+            });
+        }
+        Ok(FetchReply::Records(
+            d.log
+                .iter()
+                .filter(|r| r.seq >= from)
+                .take(max as usize)
+                .cloned()
+                .collect(),
+        ))
+    }
+    async fn snapshot_page(
+        self,
+        _: Context,
+        token: String,
+        snapshot_seq: Seq,
+        after_key: Option<String>,
+        max: u32,
+    ) -> Result<SnapshotPage, KvError> {
+        self.check(&token)?;
+        let d = self.data.lock().unwrap();
+        let snap = d
+            .snap
+            .as_ref()
+            .filter(|_| d.snap_seq == snapshot_seq)
+            .ok_or(KvError::InvalidInput("no such snapshot".into()))?;
+        let items: Vec<KeyValue> = snap
+            .map
+            .iter()
+            .filter(|(k, _)| after_key.as_ref().is_none_or(|a| *k > a))
+            .take(max as usize)
+            .map(|(k, (v, s))| KeyValue {
+                key: k.clone(),
+                value: v.clone(),
+                version: *s,
+            })
+            .collect();
+        let done = items.len() < max as usize;
+        let clients = if after_key.is_none() {
+            snap.clients
+                .iter()
+                .map(|(c, (n, o))| ClientEntry {
+                    client: c.clone(),
+                    op_no: *n,
+                    outcome: o.clone(),
+                })
+                .collect()
+        } else {
+            vec![]
+        };
+        Ok(SnapshotPage {
+            seq: snapshot_seq,
+            epoch: d.snap_epoch,
+            items,
+            clients,
+            done,
+        })
+    }
+    async fn install_snapshot(
+        self,
+        _: Context,
+        token: String,
+        epoch: Epoch,
+        chunk: SnapshotChunk,
+    ) -> Result<LogPosition, KvError> {
+        self.check(&token)?;
+        let mut d = self.data.lock().unwrap();
+        self.fence(&mut d, epoch)?;
+        if chunk.first {
+            d.snap = Some(Box::default());
+            d.log.clear();
+        }
+        let snap = d
+            .snap
+            .as_mut()
+            .ok_or(KvError::InvalidInput("no first chunk".into()))?;
+        for kv in chunk.items {
+            snap.touched.insert(kv.key.clone(), kv.version);
+            snap.map.insert(kv.key, (kv.value, kv.version));
+        }
+        for c in chunk.clients {
+            snap.clients.insert(c.client, (c.op_no, c.outcome));
+        }
+        if chunk.last {
+            snap.applied = chunk.seq;
+            d.snap_seq = chunk.seq;
+            d.snap_epoch = chunk.epoch;
+        }
+        Ok(d.pos())
+    }
+    async fn digest(self, _: Context, token: String) -> Result<Digest, KvError> {
+        self.check(&token)?;
+        let (pos, items) = self.contents();
+        Ok(Digest {
+            pos,
+            keys: items.len() as u64,
+            hash: 0,
+        })
+    }
+}
+
+/// Starts a fake node: serves `Storage` and registers/heartbeats with the frontend.
+async fn start_fake(name: &str, registry: String, data: Arc<Mutex<Data>>) -> Fake {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let fake = Fake {
+        id: NodeId(name.into()),
+        instance: rand_instance(),
+        data,
+        failing: Arc::new(AtomicBool::new(false)),
+        silent: Arc::new(AtomicBool::new(false)),
+    };
+    let server = fake.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let s = server.clone();
+            tokio::spawn(async move {
+                BaseChannel::with_defaults(json_transport(stream, FRAME))
+                    .execute(s.serve())
+                    .for_each_concurrent(16, |f| f)
+                    .await;
+            });
+        }
+    });
+    let me = fake.clone();
+    tokio::spawn(async move {
+        loop {
+            if me.silent.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            let Ok(t) = connect(&registry, Duration::from_secs(1), FRAME).await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let client = RegistryClient::new(Default::default(), t).spawn();
+            let pos = me.data.lock().unwrap().pos();
+            let snapshot_seq = me.data.lock().unwrap().snap_seq;
+            let req = RegisterRequest {
+                token: TOKEN.into(),
+                id: me.id.clone(),
+                addr: addr.clone(),
+                instance: me.instance,
+                pos,
+                snapshot_seq,
+            };
+            let Ok(Ok(reply)) = client
+                .register(context_with_timeout(Duration::from_secs(2)), req)
+                .await
+            else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            loop {
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                if me.silent.load(Ordering::SeqCst) {
+                    break;
+                }
+                let applied = me.data.lock().unwrap().pos().seq;
+                let hb = HeartbeatRequest {
+                    token: TOKEN.into(),
+                    id: me.id.clone(),
+                    session: reply.session,
+                    applied,
+                };
+                match client
+                    .heartbeat(context_with_timeout(Duration::from_secs(1)), hb)
+                    .await
+                {
+                    Ok(Ok(HeartbeatReply::Ok)) => {}
+                    _ => break,
+                }
+            }
+        }
+    });
+    fake
+}
+
+fn rand_instance() -> u64 {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::SeqCst) * 1_000_003
+}
+
+struct Frontend {
+    client: FrontendClient,
+    registry: String,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), walkv_frontend::StartError>>,
+}
+
+fn config(dir: &std::path::Path) -> Config {
+    Config {
+        data_dir: dir.to_path_buf(),
+        cluster_token: TOKEN.into(),
+        rpc_timeout_ms: 500,
+        request_timeout_ms: 3000,
+        heartbeat_ms: 40,
+        failure_timeout_ms: 400,
+        recovery_grace_ms: 200,
+        catchup_page_max: 7,
+        catchup_join_lag: 3,
+        shutdown_grace_ms: 200,
+        ..Config::default()
+    }
+}
+
+async fn start_frontend(config: Config) -> Frontend {
+    let clients = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let storage = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client_addr = clients.local_addr().unwrap().to_string();
+    let registry = storage.local_addr().unwrap().to_string();
+    let (stop, mut rx) = watch::channel(false);
+    let task = tokio::spawn(walkv_frontend::run(config, clients, storage, async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    let t = connect(&client_addr, Duration::from_secs(1), FRAME)
+        .await
+        .unwrap();
+    let client = FrontendClient::new(Default::default(), t).spawn();
+    Frontend {
+        client,
+        registry,
+        stop,
+        task,
+    }
+}
+
+impl Frontend {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap().unwrap();
+    }
+    async fn status(&self) -> ClusterStatus {
+        self.client.status(ctx()).await.unwrap()
+    }
+    async fn put(
+        &self,
+        client: &str,
+        op_no: u64,
+        k: &str,
+        v: &str,
+    ) -> Result<WriteResult, KvError> {
+        let req = WriteRequest {
+            client: client.into(),
+            op_no,
+            op: WriteOp::Put {
+                key: k.into(),
+                value: v.into(),
+            },
+        };
+        self.client.write(ctx(), req).await.unwrap()
+    }
+    async fn get(&self, k: &str) -> Result<Versioned, KvError> {
+        self.client.get(ctx(), "t".into(), k.into()).await.unwrap()
+    }
+    async fn wait_until(&self, what: &str, f: impl Fn(&ClusterStatus) -> bool) -> ClusterStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let st = self.status().await;
+            if f(&st) {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; status: {st:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    async fn wait_in_sync(&self, n: usize) -> ClusterStatus {
+        self.wait_until(&format!("{n} in-sync nodes"), |st| {
+            st.available
+                && st
+                    .nodes
+                    .iter()
+                    .filter(|x| x.role == NodeRole::InSync)
+                    .count()
+                    == n
+        })
+        .await
+    }
+}
+
+fn ctx() -> Context {
+    context_with_timeout(Duration::from_secs(10))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_replicate_to_every_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let fe = start_frontend(config(dir.path())).await;
+    let a = start_fake("a", fe.registry.clone(), Default::default()).await;
+    let b = start_fake("b", fe.registry.clone(), Default::default()).await;
+    let st = fe.wait_in_sync(2).await;
+    assert!(st.epoch >= Epoch(1));
+
+    let v1 = fe.put("alice", 1, "k1", "v1").await.unwrap().version;
+    let got = fe.get("k1").await.unwrap();
+    assert_eq!((got.value.as_str(), got.version), ("v1", v1));
+    assert_eq!(fe.get("missing").await, Err(KvError::NotFound));
+
+    // Exactly once: a retry with the same op number returns the same version, no new write.
+    assert_eq!(fe.put("alice", 1, "k1", "v1").await.unwrap().version, v1);
+    assert!(matches!(
+        fe.put("alice", 0, "k1", "old").await,
+        Err(KvError::InvalidInput(_))
+    ));
+
+    let cas = |expected: Seq, value: &str, op_no: u64| WriteRequest {
+        client: "bob".into(),
+        op_no,
+        op: WriteOp::Cas {
+            key: "k1".into(),
+            expected,
+            value: value.into(),
+        },
+    };
+    assert_eq!(
+        fe.client.write(ctx(), cas(Seq(999), "x", 1)).await.unwrap(),
+        Err(KvError::VersionMismatch { current: v1 })
+    );
+    let v2 = fe
+        .client
+        .write(ctx(), cas(v1, "v2", 2))
+        .await
+        .unwrap()
+        .unwrap()
+        .version;
+    assert!(v2 > v1);
+    fe.put("bob", 3, "k2", "x").await.unwrap();
+    fe.put("bob", 4, "other", "y").await.unwrap();
+    let items = fe
+        .client
+        .scan(ctx(), "bob".into(), "k".into(), 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        items.iter().map(|i| i.key.as_str()).collect::<Vec<_>>(),
+        vec!["k1", "k2"]
+    );
+    let del = WriteRequest {
+        client: "bob".into(),
+        op_no: 5,
+        op: WriteOp::Delete { key: "k2".into() },
+    };
+    fe.client.write(ctx(), del.clone()).await.unwrap().unwrap();
+    let del2 = WriteRequest { op_no: 6, ..del };
+    assert_eq!(
+        fe.client.write(ctx(), del2).await.unwrap(),
+        Err(KvError::NotFound)
+    );
+    assert_eq!(fe.get("k2").await, Err(KvError::NotFound));
+
+    // Limits.
+    let big = "x".repeat(1_048_577);
+    assert!(
+        matches!(fe.put("c", 1, "k", &big).await, Err(KvError::TooLarge { what, limit: 1_048_576 }) if what == "value")
+    );
+    assert!(matches!(
+        fe.put("c", 1, &"k".repeat(1025), "v").await,
+        Err(KvError::TooLarge { .. })
+    ));
+    assert!(matches!(
+        fe.put("c", 1, "", "v").await,
+        Err(KvError::InvalidKey(_))
+    ));
+
+    assert_eq!(
+        a.contents(),
+        b.contents(),
+        "both nodes hold the same log end and data"
+    );
+    let st = fe.status().await;
+    assert_eq!(st.commit_seq, a.contents().0.seq);
+    fe.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_node_leaves_isr_persisted_then_catches_up_via_snapshot_and_rejoins() {
+    let dir = tempfile::tempdir().unwrap();
+    let fe = start_frontend(config(dir.path())).await;
+    let a = start_fake("a", fe.registry.clone(), Default::default()).await;
+    let b = start_fake("b", fe.registry.clone(), Default::default()).await;
+    fe.wait_in_sync(2).await;
+    for i in 0..5 {
+        fe.put("w", i + 1, &format!("k{i}"), "before")
+            .await
+            .unwrap();
+    }
+    b.failing.store(true, Ordering::SeqCst);
+    // The write still succeeds: b is removed from the ISR (and that is persisted) first.
+    fe.put("w", 6, "k-after", "v").await.unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("state.json")).unwrap()).unwrap();
+    assert_eq!(
+        state["isr"],
+        serde_json::json!(["a"]),
+        "ISR without b persisted before the ack"
+    );
+    // More writes while b is out, then compact a so that catch-up needs its snapshot.
+    for i in 0..30 {
+        fe.put("w", 7 + i, &format!("k{i}"), &format!("during{i}"))
+            .await
+            .unwrap();
+    }
+    a.compact();
+    for i in 0..10 {
+        fe.put("w", 100 + i, &format!("tail{i}"), "t")
+            .await
+            .unwrap();
+    }
+    b.failing.store(false, Ordering::SeqCst);
+    fe.wait_in_sync(2).await;
+    // Catch-up while writes continue.
+    for i in 0..5 {
+        fe.put("w", 200 + i, &format!("late{i}"), "l")
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        a.contents().1,
+        b.contents().1,
+        "b converged on a's contents"
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["isr"], serde_json::json!(["a", "b"]));
+    fe.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_node_is_declared_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let fe = start_frontend(config(dir.path())).await;
+    let _a = start_fake("a", fe.registry.clone(), Default::default()).await;
+    let b = start_fake("b", fe.registry.clone(), Default::default()).await;
+    fe.wait_in_sync(2).await;
+    b.silent.store(true, Ordering::SeqCst);
+    let st = fe
+        .wait_until("b down", |st| {
+            st.nodes
+                .iter()
+                .any(|n| n.id.0 == "b" && n.role == NodeRole::Down)
+        })
+        .await;
+    assert!(st.available);
+    fe.put("w", 1, "k", "v").await.unwrap();
+    b.silent.store(false, Ordering::SeqCst);
+    fe.wait_in_sync(2).await;
+    fe.stop().await;
+}
+
+/// Takes a fake node off the network (as if its process died).
+fn kill(f: &Fake) {
+    f.silent.store(true, Ordering::SeqCst);
+    f.failing.store(true, Ordering::SeqCst);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_truncates_divergent_tail_and_refuses_without_isr_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_a: Arc<Mutex<Data>> = Default::default();
+    let data_b: Arc<Mutex<Data>> = Default::default();
+    let fe = start_frontend(config(dir.path())).await;
+    let a = start_fake("a", fe.registry.clone(), data_a.clone()).await;
+    let b = start_fake("b", fe.registry.clone(), data_b.clone()).await;
+    fe.wait_in_sync(2).await;
+    for i in 0..4 {
+        fe.put("w", i + 1, &format!("k{i}"), "v").await.unwrap();
+    }
+    let epoch1 = fe.status().await.epoch;
+    fe.stop().await;
+    kill(&a);
+    kill(&b);
+    // The frontend died mid-batch: b appended one more record that a never got.
+    {
+        let mut d = data_b.lock().unwrap();
+        let last = d.log.last().unwrap().clone();
+        let op = WriteOp::Put {
+            key: "ghost".into(),
+            value: "x".into(),
+        };
+        d.log.push(Record {
+            seq: last.seq.next(),
+            epoch: last.epoch,
+            client: "ghost".into(),
+            op_no: 1,
+            op,
+        });
+    }
+
+    // Restart with only a: it is an ISR member, so after the grace period it is the truth.
+    let fe = start_frontend(config(dir.path())).await;
+    let a2 = start_fake("a", fe.registry.clone(), data_a.clone()).await;
+    let st = fe.wait_in_sync(1).await;
+    assert!(st.epoch > epoch1, "epoch bumped at start");
+    fe.put("w", 10, "new", "v").await.unwrap();
+    // b returns: its epoch-1 record past the end of epoch 1 is truncated, then it catches up.
+    let b2 = start_fake("b", fe.registry.clone(), data_b.clone()).await;
+    fe.wait_in_sync(2).await;
+    assert_eq!(fe.get("ghost").await, Err(KvError::NotFound));
+    assert_eq!(a2.contents(), b2.contents());
+    assert!(data_b
+        .lock()
+        .unwrap()
+        .log
+        .iter()
+        .all(|r| r.client != "ghost"));
+
+    // a fails; b alone is the ISR (persisted). Restart with only a reachable: refused.
+    a2.failing.store(true, Ordering::SeqCst);
+    fe.put("w", 11, "only-b", "v").await.unwrap();
+    fe.stop().await;
+    kill(&a2);
+    kill(&b2);
+    let fe = start_frontend(config(dir.path())).await;
+    let a3 = start_fake("a", fe.registry.clone(), data_a.clone()).await;
+    let st = fe
+        .wait_until("refusal naming b", |st| st.state.contains("(b)"))
+        .await;
+    assert!(!st.available);
+    match fe.get("k0").await {
+        Err(KvError::Unavailable(msg)) => {
+            assert!(msg.contains("(b)") && msg.contains("unsafe"), "{msg}")
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    // b comes back: service resumes with every acknowledged write.
+    let b3 = start_fake("b", fe.registry.clone(), data_b.clone()).await;
+    fe.wait_in_sync(2).await;
+    assert_eq!(fe.get("only-b").await.unwrap().value, "v");
+    assert_eq!(a3.contents(), b3.contents());
+
+    // Once more a alone lags behind b; with --unsafe-recover and only a reachable the
+    // frontend serves a's data, losing what only b had (logged at error level).
+    a3.failing.store(true, Ordering::SeqCst);
+    fe.put("w", 12, "lost", "v").await.unwrap();
+    fe.stop().await;
+    kill(&a3);
+    kill(&b3);
+    let mut cfg = config(dir.path());
+    cfg.unsafe_recover = true;
+    let fe = start_frontend(cfg).await;
+    let _a4 = start_fake("a", fe.registry.clone(), data_a.clone()).await;
+    fe.wait_in_sync(1).await;
+    assert_eq!(fe.get("only-b").await.unwrap().value, "v");
+    assert_eq!(fe.get("lost").await, Err(KvError::NotFound));
+    fe.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_frontend_on_same_dir_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let fe = start_frontend(config(dir.path())).await;
+    let clients = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let storage = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = walkv_frontend::run(config(dir.path()), clients, storage, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(err.0.contains("locked"), "{err}");
+    fe.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_token_duplicate_id_and_removed_id_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fe = start_frontend(config(dir.path())).await;
+    let a = start_fake("a", fe.registry.clone(), Default::default()).await;
+    let _b = start_fake("b", fe.registry.clone(), Default::default()).await;
+    fe.wait_in_sync(2).await;
+    let t = connect(&fe.registry, Duration::from_secs(1), FRAME)
+        .await
+        .unwrap();
+    let reg = RegistryClient::new(Default::default(), t).spawn();
+    let addr = fe
+        .status()
+        .await
+        .nodes
+        .iter()
+        .find(|n| n.id.0 == "a")
+        .unwrap()
+        .addr
+        .clone();
+    let req = |token: &str, id: &str, instance: u64| RegisterRequest {
+        token: token.into(),
+        id: NodeId(id.into()),
+        addr: addr.clone(),
+        instance,
+        pos: LogPosition::default(),
+        snapshot_seq: Seq(0),
+    };
+    let r = reg.register(ctx(), req("bad", "x", 1)).await.unwrap();
+    assert!(matches!(r, Err(KvError::Unauthorized(m)) if m.contains("token")));
+    let r = reg
+        .register(ctx(), req(TOKEN, "a", a.instance + 1))
+        .await
+        .unwrap();
+    assert!(
+        matches!(r, Err(KvError::Unauthorized(m)) if m.contains("already live")),
+        "duplicate live id"
+    );
+    fe.client
+        .remove_node(ctx(), NodeId("b".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    let r = reg.register(ctx(), req(TOKEN, "b", 77)).await.unwrap();
+    assert!(matches!(r, Err(KvError::Unauthorized(m)) if m.contains("removed")));
+    let st = fe.status().await;
+    assert_eq!(
+        st.nodes.iter().map(|n| n.id.0.as_str()).collect::<Vec<_>>(),
+        vec!["a"]
+    );
+    fe.stop().await;
+}
