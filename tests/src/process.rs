@@ -33,7 +33,10 @@ pub fn bin_path(name: &str) -> PathBuf {
         Some(d) => PathBuf::from(d),
         None => {
             let exe = std::env::current_exe().expect("current_exe is available on Linux");
-            let mut dir = exe.parent().expect("test executable has a directory").to_path_buf();
+            let mut dir = exe
+                .parent()
+                .expect("test executable has a directory")
+                .to_path_buf();
             if dir.ends_with("deps") {
                 dir.pop();
             }
@@ -99,9 +102,15 @@ pub struct TestDir {
 impl TestDir {
     /// Creates a directory named after `label` under the system temp dir.
     pub fn new(label: &str) -> TestDir {
-        let dir = tempfile::Builder::new().prefix(&format!("walkv-{label}-")).tempdir().expect("create temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("walkv-{label}-"))
+            .tempdir()
+            .expect("create temp dir");
         let path = dir.path().to_path_buf();
-        TestDir { dir: Some(dir), path }
+        TestDir {
+            dir: Some(dir),
+            path,
+        }
     }
 
     /// The directory.
@@ -141,11 +150,28 @@ impl NodeProcess {
     }
 
     /// Like [`NodeProcess::spawn`] with extra environment variables (`RUST_LOG` defaults to `info`).
-    pub fn spawn_with_env(name: &str, bin: &Path, args: &[String], env: &[(&str, &str)], dir: &Path) -> NodeProcess {
+    pub fn spawn_with_env(
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        dir: &Path,
+    ) -> NodeProcess {
         let log_path = dir.join(format!("{name}.log"));
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let child = start(bin, args, &env, &log_path);
-        NodeProcess { name: name.to_string(), child, log_path, bin: bin.to_path_buf(), args: args.to_vec(), env, exited: None }
+        NodeProcess {
+            name: name.to_string(),
+            child,
+            log_path,
+            bin: bin.to_path_buf(),
+            args: args.to_vec(),
+            env,
+            exited: None,
+        }
     }
 
     /// The log file path.
@@ -184,7 +210,10 @@ impl NodeProcess {
 
     fn signal(&self, sig: &str) {
         if self.is_alive() {
-            let status = Command::new("kill").args([sig, &self.pid().to_string()]).status().expect("run kill(1)");
+            let status = Command::new("kill")
+                .args([sig, &self.pid().to_string()])
+                .status()
+                .expect("run kill(1)");
             assert!(status.success(), "kill {sig} {} failed", self.pid());
         }
     }
@@ -204,7 +233,10 @@ impl NodeProcess {
         }
         match std::fs::read_to_string(format!("/proc/{}/stat", self.pid())) {
             // The state is the first field after the parenthesised command name.
-            Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|state| state != "Z" && state != "X"),
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state != "Z" && state != "X"),
             Err(_) => false,
         }
     }
@@ -258,7 +290,13 @@ impl NodeProcess {
     /// Panics with the log tail if the process has died.
     pub fn assert_alive(&mut self) {
         if !self.poll_exit() {
-            panic!("{} exited with {:?}; log {}:\n{}", self.name, self.exited, self.log_path.display(), self.log_tail(30));
+            panic!(
+                "{} exited with {:?}; log {}:\n{}",
+                self.name,
+                self.exited,
+                self.log_path.display(),
+                self.log_tail(30)
+            );
         }
     }
 }
@@ -268,13 +306,22 @@ impl Drop for NodeProcess {
         // A paused child ignores nothing: SIGKILL works on stopped processes too.
         self.kill();
         if std::thread::panicking() {
-            eprintln!("--- {} log {}:\n{}", self.name, self.log_path.display(), self.log_tail(20));
+            eprintln!(
+                "--- {} log {}:\n{}",
+                self.name,
+                self.log_path.display(),
+                self.log_tail(20)
+            );
         }
     }
 }
 
 fn start(bin: &Path, args: &[String], env: &[(String, String)], log_path: &Path) -> Child {
-    let log = OpenOptions::new().create(true).append(true).open(log_path).expect("open log file");
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .expect("open log file");
     let err = log.try_clone().expect("clone log file handle");
     let mut cmd = Command::new(bin);
     cmd.args(args).stdin(Stdio::null()).stdout(log).stderr(err);
@@ -285,5 +332,6 @@ fn start(bin: &Path, args: &[String], env: &[(String, String)], log_path: &Path)
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()))
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()))
 }

@@ -30,7 +30,10 @@ const VALUE_SIZE: usize = 64;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_appends_survive_sigkill() {
-    let seed: u64 = std::env::var("WALKV_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    let seed: u64 = std::env::var("WALKV_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
     println!("storage_crash seed: {seed} (replay with WALKV_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = TestDir::new("storage-crash");
@@ -40,15 +43,25 @@ async fn acknowledged_appends_survive_sigkill() {
     for round in 0..ROUNDS {
         let client = connect_ready(&mut node).await;
         let start = position(&client).await.seq.0;
-        assert!(start >= max_acked_total, "round {round}: log ends at {start} but seq {max_acked_total} was acknowledged");
+        assert!(
+            start >= max_acked_total,
+            "round {round}: log ends at {start} but seq {max_acked_total} was acknowledged"
+        );
         let next = Arc::new(tokio::sync::Mutex::new(start + 1));
         let max_acked = Arc::new(AtomicU64::new(start));
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         for _ in 0..WRITERS {
-            let (client, next, max_acked, stop) = (client.clone(), next.clone(), max_acked.clone(), stop.clone());
+            let (client, next, max_acked, stop) = (
+                client.clone(),
+                next.clone(),
+                max_acked.clone(),
+                stop.clone(),
+            );
             let batch = rng.gen_range(1..=3u64);
-            tasks.push(tokio::spawn(async move { writer(client, next, max_acked, stop, batch).await }));
+            tasks.push(tokio::spawn(async move {
+                writer(client, next, max_acked, stop, batch).await
+            }));
         }
         let delay = Duration::from_millis(rng.gen_range(100..700));
         // Fault injection, not synchronisation: the kill lands at a random moment.
@@ -60,26 +73,54 @@ async fn acknowledged_appends_survive_sigkill() {
         }
         let acked = max_acked.load(Ordering::SeqCst);
         let sent = *next.lock().await - 1;
-        println!("round {round}: killed after {delay:?}; acked up to seq {acked}, sent up to {sent}");
-        assert!(acked > start, "round {round}: nothing was acknowledged in {delay:?}; log:\n{}", node.process.log_tail(20));
+        println!(
+            "round {round}: killed after {delay:?}; acked up to seq {acked}, sent up to {sent}"
+        );
+        assert!(
+            acked > start,
+            "round {round}: nothing was acknowledged in {delay:?}; log:\n{}",
+            node.process.log_tail(20)
+        );
         max_acked_total = acked;
 
         node.process.restart();
         let client = connect_ready(&mut node).await;
         let pos = position(&client).await.seq.0;
-        assert!(pos >= acked, "round {round}: acknowledged seq {acked} lost, log ends at {pos}");
-        assert!(pos <= sent, "round {round}: node reports seq {pos} but only {sent} were sent");
+        assert!(
+            pos >= acked,
+            "round {round}: acknowledged seq {acked} lost, log ends at {pos}"
+        );
+        assert!(
+            pos <= sent,
+            "round {round}: node reports seq {pos} but only {sent} were sent"
+        );
         check_values(&client, 1..=pos).await;
     }
     node.process.terminate();
-    let status = node.process.wait_exit(Duration::from_secs(10)).expect("graceful exit after SIGTERM");
-    assert!(status.success(), "SIGTERM exit: {status:?}\n{}", node.process.log_tail(20));
-    assert!(node.process.log().contains("snapshot written"), "the run should have crossed snapshots");
+    let status = node
+        .process
+        .wait_exit(Duration::from_secs(10))
+        .expect("graceful exit after SIGTERM");
+    assert!(
+        status.success(),
+        "SIGTERM exit: {status:?}\n{}",
+        node.process.log_tail(20)
+    );
+    assert!(
+        node.process.log().contains("snapshot written"),
+        "the run should have crossed snapshots"
+    );
 }
 
 /// Appends consecutive batches until stopped or the connection breaks. A `Gap` means an
 /// earlier batch has not reached the node yet: retry shortly.
-async fn writer(client: walkv_shared::rpc::StorageClient, next: Arc<tokio::sync::Mutex<u64>>, max_acked: Arc<AtomicU64>, stop: Arc<AtomicBool>, batch: u64) {
+async fn writer(
+    client: walkv_shared::rpc::StorageClient,
+    next: Arc<tokio::sync::Mutex<u64>>,
+    max_acked: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    batch: u64,
+) {
     while !stop.load(Ordering::SeqCst) {
         let first = {
             let mut n = next.lock().await;
@@ -87,18 +128,26 @@ async fn writer(client: walkv_shared::rpc::StorageClient, next: Arc<tokio::sync:
             *n += batch;
             first
         };
-        let records: Vec<_> = (first..first + batch).map(|s| record(s, VALUE_SIZE)).collect();
+        let records: Vec<_> = (first..first + batch)
+            .map(|s| record(s, VALUE_SIZE))
+            .collect();
         loop {
             match append(&client, records.clone()).await {
                 Ok(outcomes) => {
                     assert_eq!(outcomes.len(), records.len());
                     for (o, r) in outcomes.iter().zip(&records) {
-                        assert_eq!(*o, Outcome::Written { version: r.seq }, "fresh puts are written at their seq");
+                        assert_eq!(
+                            *o,
+                            Outcome::Written { version: r.seq },
+                            "fresh puts are written at their seq"
+                        );
                     }
                     max_acked.fetch_max(first + batch - 1, Ordering::SeqCst);
                     break;
                 }
-                Err(KvError::Gap { .. }) if !stop.load(Ordering::SeqCst) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Err(KvError::Gap { .. }) if !stop.load(Ordering::SeqCst) => {
+                    tokio::time::sleep(Duration::from_millis(1)).await
+                }
                 // The process was killed: this batch's outcome is unknown.
                 Err(_) => return,
             }
@@ -107,15 +156,29 @@ async fn writer(client: walkv_shared::rpc::StorageClient, next: Arc<tokio::sync:
 }
 
 /// Every key in `range` has exactly the value the test sent for it.
-async fn check_values(client: &walkv_shared::rpc::StorageClient, range: std::ops::RangeInclusive<u64>) {
+async fn check_values(
+    client: &walkv_shared::rpc::StorageClient,
+    range: std::ops::RangeInclusive<u64>,
+) {
     let seqs: Vec<u64> = range.collect();
     for chunk in seqs.chunks(64) {
         let reads = chunk.iter().map(|&s| async move {
-            let r = client.read(context_with_timeout(RPC_TIMEOUT), TOKEN.into(), format!("k{s}"), Seq(0)).await;
+            let r = client
+                .read(
+                    context_with_timeout(RPC_TIMEOUT),
+                    TOKEN.into(),
+                    format!("k{s}"),
+                    Seq(0),
+                )
+                .await;
             (s, r)
         });
         for (s, r) in join_all(reads).await {
-            let v = r.expect("read rpc").expect("read").value.unwrap_or_else(|| panic!("key k{s} missing"));
+            let v = r
+                .expect("read rpc")
+                .expect("read")
+                .value
+                .unwrap_or_else(|| panic!("key k{s} missing"));
             assert_eq!(v.value, value_for(s, VALUE_SIZE), "key k{s}");
             assert_eq!(v.version, Seq(s), "key k{s}");
         }

@@ -29,7 +29,11 @@ impl Drop for Mount {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
 
 /// Property: a full disk is never ignored. Once an append fails with a disk error, no
@@ -43,7 +47,10 @@ async fn full_disk_is_fail_stop() {
     let dir = TestDir::new("storage-enospc");
     let mnt = dir.path().join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
-    let status = Command::new("mount").args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"]).arg(&mnt).status();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
+        .arg(&mnt)
+        .status();
     if !status.as_ref().is_ok_and(|s| s.success()) {
         println!("skipping full_disk_is_fail_stop: cannot mount a tmpfs here ({status:?})");
         return;
@@ -64,19 +71,41 @@ async fn full_disk_is_fail_stop() {
     }
     let (failed_seq, error) = failure.expect("a 512 KiB disk must fill up within 16 MB of appends");
     println!("first failure at seq {failed_seq}: {error}");
-    assert!(matches!(error, KvError::Io(_) | KvError::Unavailable(_)), "unexpected error {error:?}");
+    assert!(
+        matches!(error, KvError::Io(_) | KvError::Unavailable(_)),
+        "unexpected error {error:?}"
+    );
     for seq in failed_seq..failed_seq + 5 {
         let r = append(&client, vec![record(seq, 10)]).await;
-        assert!(r.is_err(), "append of seq {seq} acknowledged after the disk failed: {r:?}");
+        assert!(
+            r.is_err(),
+            "append of seq {seq} acknowledged after the disk failed: {r:?}"
+        );
     }
-    let status = node.process.wait_exit(EXIT_TIMEOUT).expect("node must exit after a disk error");
+    let status = node
+        .process
+        .wait_exit(EXIT_TIMEOUT)
+        .expect("node must exit after a disk error");
     assert_eq!(status.code(), Some(3), "fail-stop exit code");
     let log = node.process.log();
-    assert!(log.contains("disk error") && log.contains("No space left"), "log must explain the disk error:\n{}", node.process.log_tail(20));
+    assert!(
+        log.contains("disk error") && log.contains("No space left"),
+        "log must explain the disk error:\n{}",
+        node.process.log_tail(20)
+    );
     // Every acknowledged record is in the WAL that is left behind.
-    let (code, out, err) = run_tool(&["wal", "dump", "--data-dir", &mnt.join("data").display().to_string()]);
+    let (code, out, err) = run_tool(&[
+        "wal",
+        "dump",
+        "--data-dir",
+        &mnt.join("data").display().to_string(),
+    ]);
     assert_eq!(code, 0, "dump: {err}");
-    assert!(out.lines().count() as u64 >= acked, "dump has {} records, {acked} were acknowledged", out.lines().count());
+    assert!(
+        out.lines().count() as u64 >= acked,
+        "dump has {} records, {acked} were acknowledged",
+        out.lines().count()
+    );
 }
 
 /// Appends `n` records to a fresh node in `data` and stops it gracefully.
@@ -84,16 +113,27 @@ async fn fill(dir: &Path, data: &Path, n: u64, config_extra: &str) {
     let mut node = spawn_node(dir, "fill", data, config_extra, &[]);
     let client = connect_ready(&mut node).await;
     for seq in 1..=n {
-        append(&client, vec![record(seq, 20)]).await.expect("append");
+        append(&client, vec![record(seq, 20)])
+            .await
+            .expect("append");
     }
     node.process.terminate();
-    let status = node.process.wait_exit(EXIT_TIMEOUT).expect("exit after SIGTERM");
+    let status = node
+        .process
+        .wait_exit(EXIT_TIMEOUT)
+        .expect("exit after SIGTERM");
     assert!(status.success(), "graceful exit: {status:?}");
 }
 
 /// Byte offset of the start of line `index` (0-based) in `bytes`.
 fn line_offset(bytes: &[u8], index: usize) -> usize {
-    bytes.iter().enumerate().filter(|(_, b)| **b == b'\n').nth(index - 1).map(|(i, _)| i + 1).expect("enough lines")
+    bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(index - 1)
+        .map(|(i, _)| i + 1)
+        .expect("enough lines")
 }
 
 /// Property: a corrupt record before the end of the WAL is never skipped silently: the
@@ -111,24 +151,52 @@ async fn mid_wal_corruption_refuses_start_unless_discarded() {
     std::fs::write(&seg, &bytes).unwrap();
 
     let mut node = spawn_node(dir.path(), "s1", &data, "", &[]);
-    let status = node.process.wait_exit(EXIT_TIMEOUT).expect("a node with a corrupt WAL must not keep running");
+    let status = node
+        .process
+        .wait_exit(EXIT_TIMEOUT)
+        .expect("a node with a corrupt WAL must not keep running");
     assert_eq!(status.code(), Some(1));
     let log = node.process.log();
     let name = seg.file_name().unwrap().to_string_lossy().to_string();
-    assert!(log.contains(&name) && log.contains(&format!("offset {offset}")) && log.contains("seq 10"), "log must name file, offset and seq:\n{log}");
-    assert_eq!(std::fs::read(&seg).unwrap(), bytes, "the corrupt file is kept untouched");
+    assert!(
+        log.contains(&name) && log.contains(&format!("offset {offset}")) && log.contains("seq 10"),
+        "log must name file, offset and seq:\n{log}"
+    );
+    assert_eq!(
+        std::fs::read(&seg).unwrap(),
+        bytes,
+        "the corrupt file is kept untouched"
+    );
 
     let (code, _, err) = run_tool(&["wal", "verify", "--data-dir", &data.display().to_string()]);
     assert_eq!(code, 1);
-    assert!(err.contains(&name) && err.contains(&format!("offset {offset}")), "verify: {err}");
+    assert!(
+        err.contains(&name) && err.contains(&format!("offset {offset}")),
+        "verify: {err}"
+    );
 
     let mut node = spawn_node(dir.path(), "s1b", &data, "", &["--discard-corrupt-tail"]);
     let client = connect_ready(&mut node).await;
-    assert_eq!(position(&client).await.seq.0, 9, "log cut before the corrupt record");
+    assert_eq!(
+        position(&client).await.seq.0,
+        9,
+        "log cut before the corrupt record"
+    );
     assert!(node.process.log().contains("corrupt WAL tail discarded"));
     // The shortened log continues normally.
-    append(&client, vec![record(10, 20)]).await.expect("append after discard");
-    let kept = std::fs::read_dir(&data).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".corrupt-")).count();
+    append(&client, vec![record(10, 20)])
+        .await
+        .expect("append after discard");
+    let kept = std::fs::read_dir(&data)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".corrupt-")
+        })
+        .count();
     assert_eq!(kept, 1, "a copy of the corrupt segment is kept");
 }
 
@@ -145,7 +213,11 @@ async fn torn_tail_is_truncated_at_start() {
     let mut node = spawn_node(dir.path(), "s1", &data, "", &[]);
     let client = connect_ready(&mut node).await;
     assert_eq!(position(&client).await.seq.0, 5);
-    assert!(node.process.log().contains("torn WAL tail truncated"), "{}", node.process.log_tail(10));
+    assert!(
+        node.process.log().contains("torn WAL tail truncated"),
+        "{}",
+        node.process.log_tail(10)
+    );
 }
 
 /// Property: a second process on the same data directory refuses to start (exit 1).
@@ -156,9 +228,16 @@ async fn second_process_on_same_dir_refuses() {
     let mut first = spawn_node(dir.path(), "s1", &data, "", &[]);
     connect_ready(&mut first).await;
     let mut second = spawn_node(dir.path(), "s1-dup", &data, "", &[]);
-    let status = second.process.wait_exit(EXIT_TIMEOUT).expect("the second process must exit");
+    let status = second
+        .process
+        .wait_exit(EXIT_TIMEOUT)
+        .expect("the second process must exit");
     assert_eq!(status.code(), Some(1));
-    assert!(second.process.log().contains("in use by another process"), "{}", second.process.log_tail(10));
+    assert!(
+        second.process.log().contains("in use by another process"),
+        "{}",
+        second.process.log_tail(10)
+    );
     first.process.assert_alive();
 }
 
@@ -172,14 +251,23 @@ async fn verify_and_dump_a_real_data_dir() {
     let d = data.display().to_string();
     let (code, out, err) = run_tool(&["wal", "verify", "--data-dir", &d]);
     assert_eq!(code, 0, "verify: {out}{err}");
-    assert!(out.contains("snapshot") && out.contains("ok: log ends at seq 25"), "{out}");
+    assert!(
+        out.contains("snapshot") && out.contains("ok: log ends at seq 25"),
+        "{out}"
+    );
     let (code, out, err) = run_tool(&["wal", "dump", "--data-dir", &d]);
     assert_eq!(code, 0, "dump: {err}");
-    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("dump line is JSON")).collect();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("dump line is JSON"))
+        .collect();
     assert_eq!(lines[0]["type"], "snapshot");
     let snap_seq = lines[0]["seq"].as_u64().unwrap();
     assert!(snap_seq >= 10, "a snapshot was taken: {}", lines[0]);
-    let seqs: Vec<u64> = lines[1..].iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = lines[1..]
+        .iter()
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(seqs, (snap_seq + 1..=25).collect::<Vec<_>>());
     assert_eq!(lines.last().unwrap()["key"], "k25");
 }
