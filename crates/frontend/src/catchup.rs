@@ -36,6 +36,7 @@
 
 use crate::cluster::Cluster;
 use crate::isr::join_ids;
+use crate::sequencer::{op_bytes, BATCH_MAX_BYTES};
 use crate::state::EpochStart;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -43,7 +44,7 @@ use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 use walkv_shared::rpc::{AppendRequest, FetchReply, SnapshotChunk};
 use walkv_shared::types::{CatchUpProgress, LogPosition};
-use walkv_shared::{Epoch, KvError, NodeId, Seq};
+use walkv_shared::{Epoch, KvError, NodeId, Record, Seq};
 
 /// How often catch-up progress is logged and published to `status`.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
@@ -240,6 +241,12 @@ impl Progress {
     }
 }
 
+/// The current page size: halved after a failed attempt, doubled (up to
+/// `catchup_page_max`) after each successful page, so that pages of large values that do
+/// not fit a frame still get through.
+#[derive(Debug, Clone, Copy)]
+struct PageSize(u32);
+
 /// Why a catch-up task stopped early.
 enum Stop {
     /// The node's session, the epoch or the phase changed: a newer task (or none) takes over.
@@ -259,11 +266,14 @@ impl From<KvError> for Stop {
 pub async fn run_catchup(cluster: Arc<Cluster>, id: NodeId, session: u64) {
     let epoch = cluster.m().state.epoch;
     let mut backoff = IDLE_PAUSE;
+    let mut page = PageSize(cluster.config.catchup_page_max);
     loop {
-        match catch_up_once(&cluster, &id, session, epoch).await {
+        match catch_up_once(&cluster, &id, session, epoch, &mut page).await {
             Ok(()) | Err(Stop::Superseded) => return,
             Err(Stop::Failed(e)) => {
-                warn!(node = %id, error = %e, retry_in_ms = backoff.as_millis() as u64, "catch-up attempt failed");
+                // A page too large for a frame fails every time; halving it makes progress.
+                page.0 = (page.0 / 2).max(1);
+                warn!(node = %id, error = %e, retry_in_ms = backoff.as_millis() as u64, page = page.0, "catch-up attempt failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
@@ -277,6 +287,7 @@ async fn catch_up_once(
     id: &NodeId,
     session: u64,
     epoch: Epoch,
+    page: &mut PageSize,
 ) -> Result<(), Stop> {
     check_valid(cluster, id, session, epoch)?;
     let pos = cluster.pool.identity(id).await?.pos;
@@ -294,10 +305,10 @@ async fn catch_up_once(
         check_valid(cluster, id, session, epoch)?;
         let commit = cluster.commit();
         if commit.0.saturating_sub(at.seq.0) < cluster.config.catchup_join_lag {
-            return join(cluster, id, session, epoch, at, &mut progress).await;
+            return join(cluster, id, session, epoch, at, &mut progress, page).await;
         }
         let before = at.seq;
-        at = copy_page(cluster, id, epoch, at, commit, &mut progress).await?;
+        at = copy_page(cluster, id, epoch, at, commit, &mut progress, page).await?;
         publish(cluster, id, at, &mut progress);
         if at.seq == before {
             tokio::time::sleep(IDLE_PAUSE).await;
@@ -313,13 +324,14 @@ async fn join(
     epoch: Epoch,
     mut at: LogPosition,
     progress: &mut Progress,
+    page: &mut PageSize,
 ) -> Result<(), Stop> {
     let _gate = cluster.gate.lock().await;
     check_valid(cluster, id, session, epoch)?;
     let commit = cluster.commit();
     while at.seq < commit {
         let before = at.seq;
-        at = copy_page(cluster, id, epoch, at, commit, progress).await?;
+        at = copy_page(cluster, id, epoch, at, commit, progress, page).await?;
         if at.seq == before {
             return Err(Stop::Failed(KvError::Internal(format!(
                 "no progress copying to {id} at seq {before}"
@@ -363,10 +375,16 @@ async fn copy_page(
     at: LogPosition,
     commit: Seq,
     progress: &mut Progress,
+    page: &mut PageSize,
 ) -> Result<LogPosition, Stop> {
     let source = pick_source(cluster)?;
-    let max = cluster.config.catchup_page_max;
-    match cluster.pool.fetch(&source, at.seq.next(), max).await? {
+    let max = page.0;
+    let reply = cluster.pool.fetch(&source, at.seq.next(), max).await?;
+    page.0 = page
+        .0
+        .saturating_mul(2)
+        .min(cluster.config.catchup_page_max);
+    match reply {
         FetchReply::Records(mut records) => {
             records.retain(|r| r.seq <= commit);
             let Some(last) = records.last() else {
@@ -403,7 +421,7 @@ async fn copy_page(
             info!(node = %id, source = %source, snapshot_seq = %snapshot_seq, keys, "records compacted away; copying snapshot");
             progress.phase = "snapshot";
             progress.total = progress.total.max(progress.done + keys);
-            copy_snapshot(cluster, &source, id, epoch, snapshot_seq, progress).await
+            copy_snapshot(cluster, &source, id, epoch, snapshot_seq, progress, max).await
         }
     }
 }
@@ -416,8 +434,8 @@ async fn copy_snapshot(
     epoch: Epoch,
     snapshot_seq: Seq,
     progress: &mut Progress,
+    max: u32,
 ) -> Result<LogPosition, Stop> {
-    let max = cluster.config.catchup_page_max;
     let mut after: Option<String> = None;
     let mut first = true;
     loop {
@@ -446,6 +464,27 @@ async fn copy_snapshot(
             return Ok(pos);
         }
     }
+}
+
+/// Splits a page into appends of about [`BATCH_MAX_BYTES`] each (the same bound as the
+/// write path), so a page of large values never exceeds a storage node's frame limit.
+pub fn byte_chunks(records: Vec<Record>) -> Vec<Vec<Record>> {
+    let mut chunks = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for r in records {
+        let b = op_bytes(&r.op);
+        if !current.is_empty() && bytes + b > BATCH_MAX_BYTES {
+            chunks.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += b;
+        current.push(r);
+    }
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    chunks
 }
 
 /// An ISR member to copy from (round robin).
@@ -525,6 +564,33 @@ mod tests {
 
     fn ids(v: &[&str]) -> BTreeSet<NodeId> {
         v.iter().map(|s| NodeId(s.to_string())).collect()
+    }
+
+    #[test]
+    fn pages_are_split_by_bytes() {
+        let rec = |seq: u64, len: usize| Record {
+            seq: Seq(seq),
+            epoch: Epoch(1),
+            client: "c".into(),
+            op_no: seq,
+            op: walkv_shared::Op::Put {
+                key: "k".into(),
+                value: "v".repeat(len),
+            },
+        };
+        let big = BATCH_MAX_BYTES / 2;
+        let chunks = byte_chunks(vec![
+            rec(1, big),
+            rec(2, big),
+            rec(3, 10),
+            rec(4, BATCH_MAX_BYTES * 2),
+        ]);
+        let seqs: Vec<Vec<u64>> = chunks
+            .iter()
+            .map(|c| c.iter().map(|r| r.seq.0).collect())
+            .collect();
+        assert_eq!(seqs, vec![vec![1], vec![2, 3], vec![4]]);
+        assert!(byte_chunks(vec![]).is_empty());
     }
 
     #[test]

@@ -28,9 +28,11 @@ use walkv_shared::rpc::AppendRequest;
 use walkv_shared::types::{Outcome, WriteRequest, WriteResult};
 use walkv_shared::{Epoch, KvError, NodeId, Record, Seq};
 
-/// Bytes of keys and values after which a batch is closed even below `batch_max`, so that
-/// one append frame stays far below the storage frame limit and one fsync stays short.
-pub const BATCH_MAX_BYTES: usize = 8 << 20;
+/// Bytes of keys and values after which a batch is closed even below `batch_max`. A batch
+/// is then at most this plus one maximal value, which keeps one append frame (JSON adds
+/// some escaping and field names) well under the storage nodes' default 8 MiB frame limit,
+/// and one fsync short.
+pub const BATCH_MAX_BYTES: usize = 1 << 20;
 
 /// One queued write and where to send its answer.
 #[derive(Debug)]
@@ -71,7 +73,11 @@ pub fn outcome_result(outcome: &Outcome) -> Result<WriteResult, KvError> {
 }
 
 fn job_bytes(job: &WriteJob) -> usize {
-    let op = &job.req.op;
+    op_bytes(&job.req.op)
+}
+
+/// Key plus value bytes of an operation: the measure behind [`BATCH_MAX_BYTES`].
+pub fn op_bytes(op: &walkv_shared::Op) -> usize {
     op.key().len()
         + match op {
             walkv_shared::Op::Put { value, .. } | walkv_shared::Op::Cas { value, .. } => {
