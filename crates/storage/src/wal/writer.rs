@@ -302,9 +302,11 @@ impl Writer {
             };
             match cmd {
                 Command::Close => break,
-                Command::Append { .. } => {
+                Command::Append { ref records, .. } => {
+                    // Count the first command too, so a batch never exceeds `wal_batch_max`
+                    // records unless a single append is larger on its own.
+                    let mut n = records.len();
                     let mut batch = vec![cmd];
-                    let mut n = 0;
                     while n < self.cfg.batch_max {
                         match self.rx.try_recv() {
                             Ok(c @ Command::Append { .. }) => {
