@@ -2,7 +2,12 @@
 //!
 //! - [`process`]: one child process (spawn, SIGKILL, SIGTERM, SIGSTOP/SIGCONT, restart,
 //!   logs), free ports, `wait_until`.
+//! - [`cluster`]: a frontend plus N storage nodes in one temp dir (`TestCluster`).
+//! - [`load`]: background writers that record acknowledged writes, and the check that
+//!   they all survived.
 //!
 //! The binaries come from `target/debug` (`make build`; `make test` builds them first).
 
+pub mod cluster;
+pub mod load;
 pub mod process;

@@ -223,6 +223,8 @@ pub async fn run(
         let accepted = tokio::select! {
             _ = &mut shutdown => break Ok(()),
             _ = fatal.wait_for(|f| f.is_some()) => break Err(RunError::Fatal(node.state.failure().unwrap_or_default())),
+            // A refused registration must stop the node even while it waits for a connection.
+            why = &mut registration => break Err(RunError::Fatal(why.unwrap_or_else(|e| format!("registration task failed: {e}")))),
             a = listener.accept() => a,
         };
         match accepted {

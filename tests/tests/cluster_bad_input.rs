@@ -1,0 +1,229 @@
+//! Bad input and misconfiguration: limits answered with typed errors, garbage on every
+//! port survived, wrong tokens and duplicate ids refused, data dirs locked, bad configs
+//! refused at start with a message naming file and key.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+use walkv_shared::KvError;
+use walkv_tests::cluster::{ClusterOptions, TestCluster};
+use walkv_tests::process::{bin_path, free_addr, NodeProcess};
+
+/// How long a process refusing to start may take to exit.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Oversized keys and values get `TooLarge`, an empty key `InvalidKey`, and the
+/// connection stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_are_typed_errors() {
+    let cluster = TestCluster::start(ClusterOptions {
+        storage_nodes: 1,
+        ..Default::default()
+    })
+    .await;
+    let mut c = cluster.client("limits").await;
+    let big_key = "k".repeat(2048);
+    assert!(matches!(
+        c.put(&big_key, "v").await,
+        Err(KvError::TooLarge { .. })
+    ));
+    let big_value = "v".repeat((1 << 20) + 10);
+    match c.put("k", &big_value).await {
+        Err(KvError::TooLarge { limit, .. }) => assert_eq!(limit, 1 << 20),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert!(matches!(c.put("", "v").await, Err(KvError::InvalidKey(_))));
+    c.put("k", "fine").await.unwrap();
+    assert_eq!(c.get("k").await.unwrap().value, "fine");
+}
+
+fn send_garbage(addr: &str) {
+    let payloads: [&[u8]; 4] = [
+        b"\x00\x00\x00\x05hello",                         // a frame that is not JSON
+        b"\xff\xff\xff\xff",                              // a length far beyond the limit
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",             // the wrong protocol
+        b"\x00\x00\x00\x40{\"not\":\"a tarpc message\"}", // a short frame, then silence
+    ];
+    for p in payloads {
+        if let Ok(mut s) = TcpStream::connect(addr) {
+            let _ = s.write_all(p);
+            // Half-open: keep some connections open without finishing the frame.
+            std::mem::forget(s);
+        }
+    }
+}
+
+/// Garbage bytes and half-open connections on every listening port crash nothing and
+/// do not disturb other clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_every_port() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let mut c = cluster.client("garbage").await;
+    c.put("before", "1").await.unwrap();
+    send_garbage(&cluster.client_addr);
+    send_garbage(&cluster.storage_listen);
+    for n in &cluster.nodes {
+        send_garbage(&n.addr);
+    }
+    for i in 0..20 {
+        c.put(&format!("after{i}"), "2").await.unwrap();
+    }
+    assert_eq!(c.get("before").await.unwrap().value, "1");
+    assert!(cluster.frontend.is_alive());
+    assert!(cluster.nodes.iter().all(|n| n.process.is_alive()));
+    cluster.wait_in_sync(3).await;
+}
+
+fn spawn_storage(
+    cluster: &TestCluster,
+    name: &str,
+    id: &str,
+    config_text: &str,
+    data_dir: &std::path::Path,
+) -> NodeProcess {
+    let config = cluster.dir.path().join(format!("{name}.toml"));
+    std::fs::write(&config, config_text).unwrap();
+    let args: Vec<String> = [
+        "--config",
+        &config.display().to_string(),
+        "--id",
+        id,
+        "--listen",
+        &free_addr(),
+        "--data-dir",
+        &data_dir.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    NodeProcess::spawn(name, &bin_path("storage"), &args, cluster.dir.path())
+}
+
+/// A node with the wrong cluster token, a second node with a live node's id, and a second
+/// process on a locked data dir are all refused with a clear message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals() {
+    let cluster = TestCluster::start(ClusterOptions {
+        storage_nodes: 1,
+        ..Default::default()
+    })
+    .await;
+    let good = format!(
+        "frontend = \"{}\"\ncluster_token = \"test-token\"\n",
+        cluster.storage_listen
+    );
+
+    let bad_token = format!(
+        "frontend = \"{}\"\ncluster_token = \"wrong\"\n",
+        cluster.storage_listen
+    );
+    let mut p = spawn_storage(
+        &cluster,
+        "badtoken",
+        "s9",
+        &bad_token,
+        &cluster.dir.path().join("s9"),
+    );
+    let status = p
+        .wait_exit(EXIT_TIMEOUT)
+        .expect("wrong token: the node must exit");
+    assert!(!status.success());
+    assert!(
+        p.log_tail(20).to_lowercase().contains("token"),
+        "{}",
+        p.log_tail(20)
+    );
+
+    let mut p = spawn_storage(
+        &cluster,
+        "dupid",
+        "s1",
+        &good,
+        &cluster.dir.path().join("s1-dup"),
+    );
+    let status = p
+        .wait_exit(EXIT_TIMEOUT)
+        .expect("duplicate live id: the node must exit");
+    assert!(!status.success());
+    assert!(p.log_tail(20).contains("s1"), "{}", p.log_tail(20));
+
+    let mut p = spawn_storage(&cluster, "samedir", "s7", &good, &cluster.nodes[0].data_dir);
+    let status = p
+        .wait_exit(EXIT_TIMEOUT)
+        .expect("locked data dir: the node must exit");
+    assert!(!status.success());
+    assert!(
+        p.log_tail(20).to_lowercase().contains("lock"),
+        "{}",
+        p.log_tail(20)
+    );
+
+    let frontend_config = cluster.dir.path().join("frontend.toml");
+    let args: Vec<String> = [
+        "--config",
+        &frontend_config.display().to_string(),
+        "--client-listen",
+        &free_addr(),
+        "--storage-listen",
+        &free_addr(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut p = NodeProcess::spawn(
+        "frontend2",
+        &bin_path("frontend"),
+        &args,
+        cluster.dir.path(),
+    );
+    let status = p
+        .wait_exit(EXIT_TIMEOUT)
+        .expect("second frontend on the same data dir must exit");
+    assert!(!status.success());
+    assert!(
+        p.log_tail(20).to_lowercase().contains("lock"),
+        "{}",
+        p.log_tail(20)
+    );
+
+    // The cluster is unaffected.
+    let mut c = cluster.client("after-refusals").await;
+    c.put("k", "v").await.unwrap();
+}
+
+/// A config file with an unknown key or a bad value is refused at start, naming the file,
+/// the key and what was expected, for both server binaries.
+#[test]
+fn bad_config_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("frontend", "min_insyncc = 1\n", "min_insyncc"),
+        ("frontend", "min_insync = \"one\"\n", "min_insync"),
+        ("storage", "snapshot_evry = 5\n", "snapshot_evry"),
+        ("storage", "snapshot_every = -3\n", "snapshot_every"),
+    ];
+    for (i, (bin, text, key)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let data = dir.path().join(format!("data{i}"));
+        let mut cmd = std::process::Command::new(bin_path(bin));
+        cmd.arg("--config").arg(&path).arg("--data-dir").arg(&data);
+        if *bin == "storage" {
+            cmd.args(["--id", "x", "--listen", &free_addr()]);
+        } else {
+            cmd.args([
+                "--client-listen",
+                &free_addr(),
+                "--storage-listen",
+                &free_addr(),
+            ]);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bin} accepted {text:?}");
+        assert!(
+            stderr.contains(&format!("bad{i}.toml")) && stderr.contains(key),
+            "{bin}: message must name file and key {key}: {stderr}"
+        );
+    }
+}
