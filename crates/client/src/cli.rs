@@ -50,7 +50,11 @@ pub enum Command {
     /// Delete KEY (exit 1 when absent).
     Delete { key: String },
     /// Set KEY to VALUE only if its version is VERSION (0: must not exist); exit 1 on mismatch.
-    Cas { key: String, version: u64, value: String },
+    Cas {
+        key: String,
+        version: u64,
+        value: String,
+    },
     /// List keys starting with PREFIX, in key order.
     Scan {
         prefix: String,
@@ -75,7 +79,12 @@ pub enum Admin {
 
 /// The parser used for prompt/stdin lines: the same subcommands without the global flags.
 #[derive(Parser, Debug)]
-#[command(name = "", no_binary_name = true, disable_help_flag = true, disable_version_flag = true)]
+#[command(
+    name = "",
+    no_binary_name = true,
+    disable_help_flag = true,
+    disable_version_flag = true
+)]
 struct Line {
     #[command(subcommand)]
     command: Command,
@@ -83,7 +92,9 @@ struct Line {
 
 /// Parses one prompt line.
 pub fn parse_line(words: &[String]) -> Result<Command, String> {
-    Line::try_parse_from(words).map(|l| l.command).map_err(|e| e.to_string().trim_end().to_string())
+    Line::try_parse_from(words)
+        .map(|l| l.command)
+        .map_err(|e| e.to_string().trim_end().to_string())
 }
 
 /// Splits a line into words; double or single quotes group words, backslash escapes.
@@ -146,14 +157,25 @@ fn print_version(version: Seq, json: bool) {
 /// Runs one command and returns its exit code.
 pub async fn execute(client: &mut Client, command: Command, json: bool) -> i32 {
     let result = match command {
-        Command::Put { key, value } => client.put(&key, &value).await.map(|v| print_version(v, json)),
+        Command::Put { key, value } => client
+            .put(&key, &value)
+            .await
+            .map(|v| print_version(v, json)),
         Command::Delete { key } => client.delete(&key).await.map(|v| print_version(v, json)),
-        Command::Cas { key, version, value } => {
-            client.cas(&key, Seq(version), &value).await.map(|v| print_version(v, json))
-        }
+        Command::Cas {
+            key,
+            version,
+            value,
+        } => client
+            .cas(&key, Seq(version), &value)
+            .await
+            .map(|v| print_version(v, json)),
         Command::Get { key } => client.get(&key).await.map(|v| {
             if json {
-                println!("{}", json!({"key": key, "value": v.value, "version": v.version.0}));
+                println!(
+                    "{}",
+                    json!({"key": key, "value": v.value, "version": v.version.0})
+                );
             } else {
                 println!("{}", v.value);
             }
@@ -161,7 +183,10 @@ pub async fn execute(client: &mut Client, command: Command, json: bool) -> i32 {
         Command::Scan { prefix, limit } => client.scan(&prefix, limit).await.map(|items| {
             for kv in items {
                 if json {
-                    println!("{}", json!({"key": kv.key, "value": kv.value, "version": kv.version.0}));
+                    println!(
+                        "{}",
+                        json!({"key": kv.key, "value": kv.value, "version": kv.version.0})
+                    );
                 } else {
                     println!("{}\t{}\t{}", kv.key, kv.value, kv.version);
                 }
@@ -200,17 +225,30 @@ fn print_status(s: &ClusterStatus, json: bool) {
         println!("{}", serde_json::to_string(s).unwrap_or_default());
         return;
     }
-    println!("epoch {}  commit_seq {}  state {}  min_insync {}", s.epoch, s.commit_seq, s.state, s.min_insync);
-    println!("{:<12} {:<22} {:<12} {:>10} {:>8} {:>10}  catch-up", "node", "addr", "role", "applied", "lag", "heartbeat");
+    println!(
+        "epoch {}  commit_seq {}  state {}  min_insync {}",
+        s.epoch, s.commit_seq, s.state, s.min_insync
+    );
+    println!(
+        "{:<12} {:<22} {:<12} {:>10} {:>8} {:>10}  catch-up",
+        "node", "addr", "role", "applied", "lag", "heartbeat"
+    );
     for n in &s.nodes {
-        let hb = n.last_heartbeat_ms.map(|ms| format!("{ms}ms ago")).unwrap_or_else(|| "-".into());
+        let hb = n
+            .last_heartbeat_ms
+            .map(|ms| format!("{ms}ms ago"))
+            .unwrap_or_else(|| "-".into());
         let progress = match (&n.catch_up, n.role) {
             (Some(p), NodeRole::CatchingUp) => format!(
                 "{} {}/{} ({:.0}%) {:.0}/s eta {:.1}s",
                 p.phase,
                 p.done,
                 p.total,
-                if p.total == 0 { 100.0 } else { 100.0 * p.done as f64 / p.total as f64 },
+                if p.total == 0 {
+                    100.0
+                } else {
+                    100.0 * p.done as f64 / p.total as f64
+                },
                 p.rate_per_sec,
                 p.eta_secs
             ),
@@ -218,7 +256,13 @@ fn print_status(s: &ClusterStatus, json: bool) {
         };
         println!(
             "{:<12} {:<22} {:<12} {:>10} {:>8} {:>10}  {}",
-            n.id.0, n.addr, n.role.to_string(), n.applied_seq.0, n.lag, hb, progress
+            n.id.0,
+            n.addr,
+            n.role.to_string(),
+            n.applied_seq.0,
+            n.lag,
+            hb,
+            progress
         );
     }
 }
@@ -229,7 +273,10 @@ mod tests {
 
     #[test]
     fn split_handles_quotes_and_escapes() {
-        assert_eq!(split_words(r#"put k "hello world""#).unwrap(), vec!["put", "k", "hello world"]);
+        assert_eq!(
+            split_words(r#"put k "hello world""#).unwrap(),
+            vec!["put", "k", "hello world"]
+        );
         assert_eq!(split_words(r"put k a\ b").unwrap(), vec!["put", "k", "a b"]);
         assert_eq!(split_words("put k ''").unwrap(), vec!["put", "k", ""]);
         assert!(split_words("put k \"open").is_err());
@@ -238,7 +285,10 @@ mod tests {
     #[test]
     fn lines_parse_like_subcommands() {
         let words = split_words("cas k 3 v").unwrap();
-        assert!(matches!(parse_line(&words), Ok(Command::Cas { version: 3, .. })));
+        assert!(matches!(
+            parse_line(&words),
+            Ok(Command::Cas { version: 3, .. })
+        ));
         assert!(parse_line(&split_words("frobnicate").unwrap()).is_err());
     }
 

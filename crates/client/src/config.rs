@@ -35,9 +35,13 @@ impl Default for ClientConfig {
 impl ClientConfig {
     /// Reads and validates a TOML file; errors name the file, the key and the expectation.
     pub fn load(path: &Path) -> Result<ClientConfig, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-        let config: ClientConfig = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        config.validate().map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let config: ClientConfig =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        config
+            .validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(config)
     }
 
@@ -54,7 +58,10 @@ impl ClientConfig {
             }
         }
         if self.max_frame_bytes < 4096 {
-            return Err(format!("max_frame_bytes: expected at least 4096, got {}", self.max_frame_bytes));
+            return Err(format!(
+                "max_frame_bytes: expected at least 4096, got {}",
+                self.max_frame_bytes
+            ));
         }
         Ok(())
     }
@@ -84,7 +91,10 @@ mod tests {
         let path = dir.join("client.toml");
         std::fs::write(&path, "frontnd = \"127.0.0.1:1\"\n").unwrap();
         let err = ClientConfig::load(&path).unwrap_err();
-        assert!(err.contains("client.toml") && err.contains("frontnd"), "{err}");
+        assert!(
+            err.contains("client.toml") && err.contains("frontnd"),
+            "{err}"
+        );
         std::fs::write(&path, "request_timeout_ms = 0\n").unwrap();
         let err = ClientConfig::load(&path).unwrap_err();
         assert!(err.contains("request_timeout_ms"), "{err}");

@@ -50,7 +50,9 @@ fn attempt_is_ambiguous(e: &KvError) -> bool {
         KvError::Timeout(_) => true,
         // The frontend itself answers Unavailable only before queueing the write; a closed
         // or failed connection is mapped to Unavailable too but may have carried the write.
-        KvError::Unavailable(why) => why.starts_with("rpc failed") || why.starts_with("connection closed"),
+        KvError::Unavailable(why) => {
+            why.starts_with("rpc failed") || why.starts_with("connection closed")
+        }
         _ => false,
     }
 }
@@ -64,7 +66,12 @@ impl Client {
         if id.is_empty() {
             return Err(KvError::InvalidInput("client id must not be empty".into()));
         }
-        let mut client = Client { id, config, rpc: None, last_op_no: unix_micros() };
+        let mut client = Client {
+            id,
+            config,
+            rpc: None,
+            last_op_no: unix_micros(),
+        };
         // A first attempt now reports a bad address early; failure is not fatal here.
         if let Err(e) = client.rpc().await {
             tracing::debug!(error = %e, "frontend not reachable yet; will retry on first request");
@@ -81,9 +88,18 @@ impl Client {
         if let Some(c) = &self.rpc {
             return Ok(c.clone());
         }
-        let transport = connect(&self.config.frontend, self.config.connect_timeout(), self.config.max_frame_bytes as usize)
-            .await
-            .map_err(|e| KvError::Unavailable(format!("cannot connect to frontend {}: {e}", self.config.frontend)))?;
+        let transport = connect(
+            &self.config.frontend,
+            self.config.connect_timeout(),
+            self.config.max_frame_bytes as usize,
+        )
+        .await
+        .map_err(|e| {
+            KvError::Unavailable(format!(
+                "cannot connect to frontend {}: {e}",
+                self.config.frontend
+            ))
+        })?;
         // The detached dispatch task ends when the transport closes or the client is dropped.
         let client = FrontendClient::new(RpcConfig::default(), transport).spawn();
         self.rpc = Some(client.clone());
@@ -107,14 +123,16 @@ impl Client {
         let mut ambiguous = false;
         loop {
             let result = match self.rpc().await {
-                Ok(rpc) => match call(rpc, context_with_timeout(self.config.request_timeout())).await {
-                    Ok(inner) => inner,
-                    Err(rpc_err) => {
-                        // The connection may be broken: reconnect on the next attempt.
-                        self.rpc = None;
-                        Err(KvError::from(rpc_err))
+                Ok(rpc) => {
+                    match call(rpc, context_with_timeout(self.config.request_timeout())).await {
+                        Ok(inner) => inner,
+                        Err(rpc_err) => {
+                            // The connection may be broken: reconnect on the next attempt.
+                            self.rpc = None;
+                            Err(KvError::from(rpc_err))
+                        }
                     }
-                },
+                }
                 Err(e) => Err(e),
             };
             match result {
@@ -134,7 +152,11 @@ impl Client {
     }
 
     async fn write(&mut self, op: WriteOp) -> Result<Seq, KvError> {
-        let req = WriteRequest { client: self.id.clone(), op_no: self.next_op_no(), op };
+        let req = WriteRequest {
+            client: self.id.clone(),
+            op_no: self.next_op_no(),
+            op,
+        };
         self.with_retries(|rpc, ctx| {
             let req = req.clone();
             async move { rpc.write(ctx, req).await }
@@ -142,16 +164,20 @@ impl Client {
         .await
         .map(|r| r.version)
         .map_err(|(e, ambiguous)| match e {
-            KvError::Unavailable(why) if ambiguous => {
-                KvError::Timeout(format!("gave up retrying; the write may or may not have committed ({why})"))
-            }
+            KvError::Unavailable(why) if ambiguous => KvError::Timeout(format!(
+                "gave up retrying; the write may or may not have committed ({why})"
+            )),
             other => other,
         })
     }
 
     /// Sets `key` to `value`; returns the version it committed at.
     pub async fn put(&mut self, key: &str, value: &str) -> Result<Seq, KvError> {
-        self.write(WriteOp::Put { key: key.into(), value: value.into() }).await
+        self.write(WriteOp::Put {
+            key: key.into(),
+            value: value.into(),
+        })
+        .await
     }
 
     /// Deletes `key`; `NotFound` when it does not exist.
@@ -161,7 +187,12 @@ impl Client {
 
     /// Sets `key` to `value` if its version is `expected` (0: the key must not exist).
     pub async fn cas(&mut self, key: &str, expected: Seq, value: &str) -> Result<Seq, KvError> {
-        self.write(WriteOp::Cas { key: key.into(), expected, value: value.into() }).await
+        self.write(WriteOp::Cas {
+            key: key.into(),
+            expected,
+            value: value.into(),
+        })
+        .await
     }
 
     /// Reads `key` (linearizable).
@@ -189,7 +220,9 @@ impl Client {
     /// The cluster's status (one attempt: status should show the present, not wait).
     pub async fn status(&mut self) -> Result<ClusterStatus, KvError> {
         let rpc = self.rpc().await?;
-        rpc.status(context_with_timeout(self.config.request_timeout())).await.map_err(KvError::from)
+        rpc.status(context_with_timeout(self.config.request_timeout()))
+            .await
+            .map_err(KvError::from)
     }
 
     /// Retires node `id` for good.

@@ -19,7 +19,10 @@ use walkv_client::{Client, ClientConfig};
 fn main() {
     walkv_shared::telemetry::init_with_default("warn");
     let args = cli::Args::parse();
-    let code = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let code = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt.block_on(run(args)),
         Err(e) => {
             eprintln!("error: cannot start runtime: {e}");
@@ -47,7 +50,9 @@ fn load_config(args: &cli::Args) -> Result<ClientConfig, String> {
     if let Some(ms) = args.timeout_ms {
         config.retry_deadline_ms = ms;
     }
-    config.validate().map_err(|e| format!("command line: {e}"))?;
+    config
+        .validate()
+        .map_err(|e| format!("command line: {e}"))?;
     Ok(config)
 }
 

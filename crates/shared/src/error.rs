@@ -87,7 +87,9 @@ impl fmt::Display for KvError {
             KvError::VersionMismatch { current } => {
                 write!(f, "version mismatch: current version is {current}")
             }
-            KvError::TooLarge { what, limit } => write!(f, "{what} too large: limit is {limit} bytes"),
+            KvError::TooLarge { what, limit } => {
+                write!(f, "{what} too large: limit is {limit} bytes")
+            }
             KvError::InvalidKey(why) => write!(f, "invalid key: {why}"),
             KvError::InvalidInput(why) => write!(f, "invalid input: {why}"),
             KvError::Unauthorized(why) => write!(f, "unauthorized: {why}"),

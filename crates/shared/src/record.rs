@@ -61,7 +61,10 @@ impl fmt::Display for LineError {
         match self {
             LineError::MissingChecksum => f.write_str("line has no leading crc member"),
             LineError::ChecksumMismatch { stored, computed } => {
-                write!(f, "checksum mismatch (stored {stored}, computed {computed})")
+                write!(
+                    f,
+                    "checksum mismatch (stored {stored}, computed {computed})"
+                )
             }
             LineError::Malformed(why) => write!(f, "malformed record: {why}"),
         }
@@ -89,7 +92,9 @@ pub fn encode_into(record: &Record, out: &mut Vec<u8>) {
 
 /// Decodes one line (without its trailing newline) and verifies its checksum.
 pub fn decode_line(line: &[u8]) -> Result<Record, LineError> {
-    let rest = line.strip_prefix(CRC_PREFIX).ok_or(LineError::MissingChecksum)?;
+    let rest = line
+        .strip_prefix(CRC_PREFIX)
+        .ok_or(LineError::MissingChecksum)?;
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
     if digits == 0 || digits > 10 || rest.get(digits) != Some(&b',') {
         return Err(LineError::MissingChecksum);
@@ -119,7 +124,11 @@ mod tests {
             epoch: Epoch(3),
             client: "alice".into(),
             op_no: 9,
-            op: Op::Cas { key: "k\"ey\n".into(), expected: Seq(4), value: "v ü".into() },
+            op: Op::Cas {
+                key: "k\"ey\n".into(),
+                expected: Seq(4),
+                value: "v ü".into(),
+            },
         }
     }
 
@@ -128,7 +137,11 @@ mod tests {
         let r = sample(7);
         let line = encode(&r);
         assert_eq!(*line.last().unwrap(), b'\n');
-        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1, "escaped newline stays escaped");
+        assert_eq!(
+            line.iter().filter(|&&b| b == b'\n').count(),
+            1,
+            "escaped newline stays escaped"
+        );
         assert_eq!(decode_line(&line[..line.len() - 1]).unwrap(), r);
     }
 
@@ -148,7 +161,10 @@ mod tests {
         for i in 0..body.len() {
             let mut bad = body.to_vec();
             bad[i] ^= 0x01;
-            assert!(decode_line(&bad).is_err(), "flip at byte {i} went unnoticed");
+            assert!(
+                decode_line(&bad).is_err(),
+                "flip at byte {i} went unnoticed"
+            );
         }
     }
 }

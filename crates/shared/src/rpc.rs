@@ -52,15 +52,29 @@ pub trait Storage {
     /// Reads a key once the node has applied at least `min_seq`.
     async fn read(token: String, key: String, min_seq: Seq) -> Result<ReadReply, KvError>;
     /// Scans a prefix once the node has applied at least `min_seq`.
-    async fn scan(token: String, prefix: String, limit: u32, min_seq: Seq) -> Result<ScanReply, KvError>;
+    async fn scan(
+        token: String,
+        prefix: String,
+        limit: u32,
+        min_seq: Seq,
+    ) -> Result<ScanReply, KvError>;
     /// Drops every record after `after` (a divergent tail) and returns the new log end.
     async fn truncate(token: String, epoch: Epoch, after: Seq) -> Result<LogPosition, KvError>;
     /// Up to `max` records starting at `from`, or `SnapshotNeeded` when they were compacted.
     async fn fetch(token: String, from: Seq, max: u32) -> Result<FetchReply, KvError>;
     /// One page of the node's latest snapshot at `snapshot_seq`, keys after `after_key`.
-    async fn snapshot_page(token: String, snapshot_seq: Seq, after_key: Option<String>, max: u32) -> Result<SnapshotPage, KvError>;
+    async fn snapshot_page(
+        token: String,
+        snapshot_seq: Seq,
+        after_key: Option<String>,
+        max: u32,
+    ) -> Result<SnapshotPage, KvError>;
     /// Receives one chunk of a snapshot; the last chunk replaces the node's state and log.
-    async fn install_snapshot(token: String, epoch: Epoch, chunk: SnapshotChunk) -> Result<LogPosition, KvError>;
+    async fn install_snapshot(
+        token: String,
+        epoch: Epoch,
+        chunk: SnapshotChunk,
+    ) -> Result<LogPosition, KvError>;
     /// A digest of the node's logical content, to check convergence.
     async fn digest(token: String) -> Result<Digest, KvError>;
 }

@@ -22,7 +22,9 @@ where
 {
     // Latency matters more than packet count for small RPCs.
     let _ = stream.set_nodelay(true);
-    let framed = LengthDelimitedCodec::builder().max_frame_length(max_frame).new_framed(stream);
+    let framed = LengthDelimitedCodec::builder()
+        .max_frame_length(max_frame)
+        .new_framed(stream);
     tarpc::serde_transport::new(framed, Json::default())
 }
 
@@ -38,7 +40,12 @@ where
 {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {addr} timed out")))??;
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connect to {addr} timed out"),
+            )
+        })??;
     Ok(json_transport(stream, max_frame))
 }
 
@@ -51,7 +58,8 @@ pub fn context_with_timeout(timeout: Duration) -> tarpc::context::Context {
 
 /// Parses `ip:port`, naming the flag or key in the error.
 pub fn parse_addr(what: &str, s: &str) -> Result<SocketAddr, String> {
-    s.parse().map_err(|e| format!("{what}: expected ip:port such as 127.0.0.1:7000, got {s:?} ({e})"))
+    s.parse()
+        .map_err(|e| format!("{what}: expected ip:port such as 127.0.0.1:7000, got {s:?} ({e})"))
 }
 
 /// Milliseconds since the Unix epoch (for op numbers and diagnostics only).

@@ -7,7 +7,9 @@ use std::fmt;
 
 /// A global sequence number: the position of a record in the replicated log, and the
 /// version of the value it wrote. Seq 0 means "nothing": the first record is seq 1.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Seq(pub u64);
 
@@ -26,7 +28,9 @@ impl fmt::Display for Seq {
 
 /// A frontend incarnation. Bumped and persisted every time a frontend starts or
 /// recovers; storage nodes refuse replication from an epoch lower than the highest seen.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Epoch(pub u64);
 
