@@ -222,11 +222,15 @@ impl Membership {
         session
     }
 
-    /// A node that (re-)registers while serving and is still listed in the ISR may have
-    /// missed writes or restarted: it must leave the ISR and catch up (or, as the last
-    /// member, trigger a recovery). Returns whether that is the case.
-    pub fn rejoin_needs_isr_exit(&self, id: &NodeId) -> bool {
-        self.serving() && self.state.isr.contains(id)
+    /// Whether a registration of `id` by process `instance` means the node must leave the
+    /// ISR and catch up: while serving, a *new process* under an ISR member's id may have
+    /// lost its connection mid-batch or restarted from an older disk. The same process
+    /// re-registering (e.g. after a lost heartbeat) keeps its place: every committed record
+    /// reached it, or the write path would already have removed it. Call before
+    /// [`Membership::accept_register`].
+    pub fn rejoin_needs_isr_exit(&self, id: &NodeId, instance: u64) -> bool {
+        let restarted = self.nodes.get(id).is_none_or(|n| n.instance != instance);
+        self.serving() && self.state.isr.contains(id) && restarted
     }
 
     /// Handles a heartbeat: `Ok` for the live session, else `Reregister`.
@@ -569,8 +573,15 @@ mod tests {
         let (mut m, now) = serving_with(&["a"]);
         m.accept_register(&reg("b", 2), now);
         assert_eq!(m.catching_up().len(), 1);
-        assert!(!m.rejoin_needs_isr_exit(&id("b")));
-        assert!(m.rejoin_needs_isr_exit(&id("a")));
+        assert!(!m.rejoin_needs_isr_exit(&id("b"), 9), "not in the ISR");
+        assert!(
+            m.rejoin_needs_isr_exit(&id("a"), 9),
+            "a new process under an ISR member's id"
+        );
+        assert!(
+            !m.rejoin_needs_isr_exit(&id("a"), 1),
+            "the same process registering again"
+        );
         m.add_to_isr(&id("b"));
         assert!(m.catching_up().is_empty());
         let first = m.read_order();

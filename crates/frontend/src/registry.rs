@@ -7,9 +7,10 @@
 //!   the newcomer is a duplicate and is refused, otherwise the old one is gone and the new
 //!   registration replaces it;
 //! - every accepted registration gets a new session, and the pool reconnects to its address;
-//! - an ISR member that registers again while serving may have restarted and missed writes,
-//!   so it leaves the ISR through the write gate and catches up (as the last member it
-//!   triggers a recovery instead, which keeps it as the truth).
+//! - a new process registering under an ISR member's id while serving may have restarted
+//!   and missed writes, so it leaves the ISR through the write gate and catches up (as the
+//!   last member it triggers a recovery instead, which keeps it as the truth); the same
+//!   process registering again (after a lost heartbeat) keeps its place.
 //!
 //! Heartbeats with the current session refresh the node; any other session gets
 //! `Reregister`. The failure detector ([`detect_failures`]) marks a node down after
@@ -71,8 +72,9 @@ impl Registry for RegistryServer {
         }
         let (session, epoch, leave_isr) = {
             let mut m = self.cluster.m();
+            let leave = m.rejoin_needs_isr_exit(&req.id, req.instance);
             let session = m.accept_register(&req, Instant::now());
-            (session, m.state.epoch, m.rejoin_needs_isr_exit(&req.id))
+            (session, m.state.epoch, leave)
         };
         self.cluster.pool.set_addr(&req.id, &req.addr);
         info!(node = %req.id, addr = %req.addr, epoch = %req.pos.epoch, seq = %req.pos.seq, session, "node registered");
