@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 use walkv_shared::types::LogPosition;
-use walkv_shared::{KvError, NodeId};
+use walkv_shared::{Epoch, KvError, NodeId};
 
 /// Period of the control loop: bounds how late a failure, a registration or a finished
 /// recovery is acted upon, at negligible cost.
@@ -89,15 +89,31 @@ async fn recovery_step(cluster: &Cluster, grace: &mut Grace) {
         return;
     };
     // Positions from registrations may be stale (a re-run recovery): confirm them.
-    let mut fresh = Vec::new();
     let candidates: Vec<NodeId> = cluster.m().live().map(|(id, _)| id.clone()).collect();
-    for id in candidates {
-        match cluster.pool.identity(&id).await {
+    let answers = futures::future::join_all(candidates.into_iter().map(|id| async move {
+        let who = cluster.pool.identity(&id).await;
+        (id, who)
+    }))
+    .await;
+    let mut fresh = Vec::new();
+    for (id, who) in answers {
+        match who {
             Ok(who) if who.id == id => fresh.push(Candidate { id, pos: who.pos }),
             Ok(who) => {
                 warn!(node = %id, answered = %who.id, "node answered identity with another id; ignoring it")
             }
             Err(e) => warn!(node = %id, error = %e, "cannot confirm log position for recovery"),
+        }
+    }
+    // Logs from an epoch at or above ours mean this frontend's state is older than the
+    // cluster's (e.g. its data dir was replaced); nodes would fence every request, so jump
+    // past that epoch first.
+    if let Some(highest) = fresh.iter().map(|c| c.pos.epoch).max() {
+        if highest >= cluster.m().state.epoch {
+            if let Err(e) = jump_epoch(cluster, highest).await {
+                warn!(error = %e, "cannot persist the epoch jump; retrying");
+                return;
+            }
         }
     }
     let Some(plan2) = decide(cluster, grace, Some(fresh)) else {
@@ -110,6 +126,15 @@ async fn recovery_step(cluster: &Cluster, grace: &mut Grace) {
     if let Err(e) = execute(cluster, plan).await {
         warn!(error = %e, "recovery attempt failed; retrying");
     }
+}
+
+/// Sets the epoch to `seen + 1` and persists it (write gate held by the caller).
+async fn jump_epoch(cluster: &Cluster, seen: Epoch) -> Result<(), KvError> {
+    let epoch = Epoch(seen.0 + 1);
+    cluster.m().state.epoch = epoch;
+    cluster.persist().await?;
+    warn!(seen = %seen, epoch = %epoch, "storage nodes have seen a newer epoch than this frontend's state; epoch raised");
+    Ok(())
 }
 
 /// Runs the pure decision over the registered nodes (or the given fresh positions).
@@ -175,6 +200,10 @@ async fn execute(cluster: &Cluster, plan: Plan) -> Result<(), KvError> {
                     Ok(pos) if pos.seq == after => isr.push(id.clone()),
                     Ok(pos) => {
                         warn!(node = %id, now = %pos.seq, wanted = %after, "truncation went further; node will catch up")
+                    }
+                    Err(KvError::Fenced { seen }) => {
+                        jump_epoch(cluster, Epoch(seen)).await?;
+                        return Err(KvError::Fenced { seen });
                     }
                     Err(e) if *id == plan.truth => return Err(e),
                     Err(e) => {

@@ -903,3 +903,35 @@ async fn wrong_token_duplicate_id_and_removed_id_are_refused() {
     );
     fe.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frontend_with_lost_state_adopts_the_nodes_and_jumps_past_their_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Arc<Mutex<Data>> = Default::default();
+    for round in 0..3u64 {
+        let fe = start_frontend(config(dir.path())).await;
+        let a = start_fake("a", fe.registry.clone(), data.clone()).await;
+        fe.wait_in_sync(1).await;
+        fe.put("w", round + 1, &format!("k{round}"), "v")
+            .await
+            .unwrap();
+        fe.stop().await;
+        kill(&a);
+    }
+    let seen = data.lock().unwrap().epoch_seen;
+    assert!(seen >= Epoch(3));
+    // The frontend's data dir is lost: it starts from epoch 1 but must not be fenced.
+    let fresh = tempfile::tempdir().unwrap();
+    let fe = start_frontend(config(fresh.path())).await;
+    let _a = start_fake("a", fe.registry.clone(), data.clone()).await;
+    let st = fe.wait_in_sync(1).await;
+    assert!(
+        st.epoch > seen,
+        "epoch {} must pass the nodes' {}",
+        st.epoch,
+        seen
+    );
+    assert_eq!(fe.get("k2").await.unwrap().value, "v");
+    fe.put("w", 10, "after", "v").await.unwrap();
+    fe.stop().await;
+}
