@@ -22,8 +22,10 @@
 //!
 //! Lifecycle: [`run`] locks the data dir, bumps and persists the epoch, starts `Recovering`,
 //! serves both listeners, and becomes `Serving` once recovery has chosen the truth. On
-//! shutdown it stops accepting, lets in-flight requests finish for `shutdown_grace_ms`,
-//! aborts the rest, and persists the state a last time.
+//! shutdown it stops accepting, waits (at most `shutdown_grace_ms`) until no client request
+//! is in flight, closes the connections, stops the sequencer (queued writes that never
+//! started get `Unavailable`), and persists the state a last time. Correctness never
+//! depends on this: every acknowledged write is already fsynced on every ISR member.
 
 pub mod catchup;
 pub mod cluster;
@@ -47,6 +49,7 @@ use crate::state::StateFile;
 use futures::StreamExt;
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::net::{TcpListener, TcpStream};
@@ -61,6 +64,25 @@ use walkv_shared::transport::json_transport;
 pub const MAX_IN_FLIGHT_PER_CONN: usize = 64;
 /// Largest frame on the registry listener: registrations and heartbeats are small.
 pub const REGISTRY_MAX_FRAME: usize = 1 << 20;
+
+/// How often shutdown checks whether in-flight client requests have finished.
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Counts one in-flight client request for as long as it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(counter: &Arc<AtomicUsize>) -> InFlight {
+        counter.fetch_add(1, Ordering::SeqCst);
+        InFlight(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// A start-up failure, with the reason for the operator.
 #[derive(Debug, Clone)]
@@ -122,6 +144,7 @@ pub async fn run(
     let storage_sem = Arc::new(Semaphore::new(max_conns));
     let client_frame = cluster.config.client_max_frame();
     let mut conns = JoinSet::new();
+    let in_flight = Arc::new(AtomicUsize::new(0));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -130,9 +153,19 @@ pub async fn run(
                 if let Some((stream, permit)) = accepted {
                     let serve = FrontendServer::new(cluster.clone());
                     let channel = BaseChannel::with_defaults(json_transport(stream, client_frame));
+                    let in_flight = in_flight.clone();
                     conns.spawn(async move {
                         let _permit = permit;
-                        channel.execute(serve.serve()).for_each_concurrent(MAX_IN_FLIGHT_PER_CONN, |f| f).await;
+                        channel
+                            .execute(serve.serve())
+                            .for_each_concurrent(MAX_IN_FLIGHT_PER_CONN, |f| {
+                                let guard = InFlight::enter(&in_flight);
+                                async move {
+                                    f.await;
+                                    drop(guard);
+                                }
+                            })
+                            .await;
                     });
                 }
             }
@@ -154,18 +187,23 @@ pub async fn run(
     drop(client_listener);
     drop(storage_listener);
     let grace = cluster.config.shutdown_grace();
-    // Connections stay open until their clients close them, so in-flight requests get
-    // the grace period and then are aborted.
-    let drained =
-        tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
+    // Client connections stay open until their clients close them, so rather than wait
+    // for them, wait (at most the grace period) until no client request is in flight.
+    let drained = tokio::time::timeout(grace, async {
+        while in_flight.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    })
+    .await;
     if drained.is_err() {
-        debug!(
-            open = conns.len(),
-            "grace period over; closing remaining connections"
+        warn!(
+            in_flight = in_flight.load(Ordering::SeqCst),
+            "grace period over; aborting requests still in flight"
         );
-        conns.abort_all();
-        while conns.join_next().await.is_some() {}
     }
+    debug!(open = conns.len(), "closing connections");
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
     let _ = shutdown_tx.send(true);
     if let Err(e) = sequencer.await {
         warn!(error = %e, "sequencer task ended abnormally");
