@@ -22,6 +22,20 @@ use walkv_shared::rpc::{ClientEntry, Digest, FetchReply};
 use walkv_shared::types::{KeyValue, LogPosition, Outcome, Versioned, WriteOp};
 use walkv_shared::{Record, Seq};
 
+/// Most key and value bytes one `fetch` page carries (plus one record), keeping a page well
+/// below the default 8 MiB frame limit even with JSON escaping.
+pub const FETCH_MAX_BYTES: usize = 2 << 20;
+
+/// Key and value bytes of a record: the measure behind [`FETCH_MAX_BYTES`].
+pub fn record_bytes(r: &Record) -> usize {
+    use walkv_shared::Op;
+    r.client.len()
+        + match &r.op {
+            Op::Put { key, value } | Op::Cas { key, value, .. } => key.len() + value.len(),
+            Op::Delete { key } => key.len(),
+        }
+}
+
 /// A full copy of the state at one log position, as written to and read from a snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SnapshotData {
@@ -186,14 +200,22 @@ impl Store {
             return FetchReply::Records(Vec::new());
         };
         let skip = from.0.saturating_sub(first.0) as usize;
-        FetchReply::Records(
-            self.tail
-                .iter()
-                .skip(skip)
-                .take(max)
-                .map(|(r, _)| r.clone())
-                .collect(),
-        )
+        // Bound the page by bytes as well as by count, so a page of large values still
+        // fits one frame; the first record always goes, so progress is guaranteed.
+        let mut bytes = 0usize;
+        let records = self
+            .tail
+            .iter()
+            .skip(skip)
+            .take(max)
+            .take_while(|(r, _)| {
+                let fits = bytes == 0 || bytes + record_bytes(r) <= FETCH_MAX_BYTES;
+                bytes += record_bytes(r);
+                fits
+            })
+            .map(|(r, _)| r.clone())
+            .collect();
+        FetchReply::Records(records)
     }
 
     /// Marks the snapshot at `pos` durable: records up to it are no longer kept in memory.
@@ -415,6 +437,29 @@ pub(crate) mod tests {
     fn gap_is_a_broken_invariant() {
         let mut s = Store::new();
         s.apply(&put(2, "a", "1"));
+    }
+
+    #[test]
+    fn fetch_pages_are_bounded_by_bytes() {
+        let mut s = Store::new();
+        let big = "x".repeat(700 << 10);
+        for i in 1..=5 {
+            s.apply(&put(i, &format!("k{i}"), &big));
+        }
+        let FetchReply::Records(r) = s.fetch(Seq(1), 100) else {
+            panic!("records expected")
+        };
+        assert_eq!(r.len(), 2, "three 700 KiB values exceed FETCH_MAX_BYTES");
+        let huge = "y".repeat(FETCH_MAX_BYTES + 1);
+        s.apply(&put(6, "huge", &huge));
+        let FetchReply::Records(r) = s.fetch(Seq(6), 100) else {
+            panic!("records expected")
+        };
+        assert_eq!(
+            r.len(),
+            1,
+            "an oversized record still goes alone, so catch-up progresses"
+        );
     }
 
     #[test]
