@@ -152,3 +152,30 @@ async fn cli_contract() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `client admin remove-node` retires a node for good: it leaves status and the ISR, the
+/// cluster keeps serving, and the retired process is refused when it tries to come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_node_retires_it() {
+    let mut cluster = TestCluster::start(ClusterOptions::default()).await;
+    let (code, _, err) = client_cmd(&cluster, &["admin", "remove-node", "s3"]);
+    assert_eq!(code, 0, "{err}");
+    let status = cluster
+        .wait_status("s3 gone from status", |s| {
+            s.nodes.iter().all(|n| n.id.0 != "s3")
+        })
+        .await;
+    assert_eq!(status.nodes.len(), 2);
+    let mut c = cluster.client("after-remove").await;
+    c.put("k", "v").await.unwrap();
+    let exit = cluster.nodes[2]
+        .process
+        .wait_exit(std::time::Duration::from_secs(20))
+        .expect("the retired node is refused at its next registration and exits");
+    assert!(!exit.success(), "a retired node exits non-zero");
+    assert!(
+        cluster.nodes[2].process.log_tail(30).contains("removed"),
+        "{}",
+        cluster.nodes[2].process.log_tail(30)
+    );
+}
