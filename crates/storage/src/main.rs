@@ -33,7 +33,7 @@ struct Cli {
     /// Frontend's storage/registry address (default 127.0.0.1:7001).
     #[arg(long)]
     frontend: Option<String>,
-    /// Data directory (default data/<id>).
+    /// Data directory (default data/ID).
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Config file (default config/storage.toml, skipped if missing).

@@ -17,7 +17,7 @@
 //!   A crash at any step leaves either the old snapshot with its full WAL, or the new
 //!   snapshot with a suffix of the WAL that still overlaps or continues it.
 //! - A file without a matching footer is never used. `*.tmp` leftovers are removed at start.
-//! - Encoding and decoding are pure functions; only [`write`] and [`read`] touch disk.
+//! - Encoding and decoding are pure functions; only [`write()`] and [`read()`] touch disk.
 
 use crate::store::SnapshotData;
 use crate::wal::file::{list_named, sync_dir, write_atomic};
