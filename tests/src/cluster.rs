@@ -61,6 +61,8 @@ pub struct StorageNode {
     pub data_dir: PathBuf,
     /// The process.
     pub process: NodeProcess,
+    /// The `storage` arguments it runs with (to respawn it under a wrapper such as strace).
+    pub args: Vec<String>,
 }
 
 /// A running cluster.
@@ -183,6 +185,7 @@ impl TestCluster {
             addr,
             data_dir,
             process,
+            args,
         });
         self.nodes.len() - 1
     }
