@@ -21,11 +21,21 @@ const FAIL_STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn strace_unusable() -> Option<String> {
     match Command::new("strace")
-        .args(["-f", "-qq", "-o", "/dev/null", "-e", "inject=fdatasync:error=EIO:when=1000", "true"])
+        .args([
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            "inject=fdatasync:error=EIO:when=1000",
+            "true",
+        ])
         .status()
     {
         Ok(s) if s.success() => None,
-        Ok(s) => Some(format!("strace cannot trace here (exit {s}); ptrace not permitted?")),
+        Ok(s) => Some(format!(
+            "strace cannot trace here (exit {s}); ptrace not permitted?"
+        )),
         Err(e) => Some(format!("strace not available: {e}")),
     }
 }
@@ -56,7 +66,10 @@ async fn fsync_errors_stop_the_node_and_lose_nothing() {
             .process
             .wait_exit(FAIL_STOP_TIMEOUT)
             .unwrap_or_else(|| panic!("{errno}: s1 kept running after fdatasync failed"));
-        assert!(!status.success(), "{errno}: s1 must exit non-zero, got {status}");
+        assert!(
+            !status.success(),
+            "{errno}: s1 must exit non-zero, got {status}"
+        );
         let log = node.process.log();
         assert!(
             log.contains("cannot write or fsync"),

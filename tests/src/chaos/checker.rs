@@ -241,7 +241,10 @@ fn counterexample(ops: &[&Operation], best: &[usize]) -> String {
         best.len(),
         ops.len()
     );
-    for &i in best.iter().skip(best.len().saturating_sub(COUNTEREXAMPLE_PREFIX)) {
+    for &i in best
+        .iter()
+        .skip(best.len().saturating_sub(COUNTEREXAMPLE_PREFIX))
+    {
         text.push_str(&format!("    {}\n", ops[i]));
     }
     // The candidates: pending operations invoked before the earliest pending return.

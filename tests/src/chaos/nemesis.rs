@@ -214,14 +214,25 @@ mod tests {
             assert!(s.at_ms + s.hold_ms <= 10_000);
         }
         for w in a.windows(2) {
-            assert!(w[0].at_ms + w[0].hold_ms < w[1].at_ms, "faults never overlap");
+            assert!(
+                w[0].at_ms + w[0].hold_ms < w[1].at_ms,
+                "faults never overlap"
+            );
         }
     }
 
     #[test]
     fn mix_restricts_families() {
         for seed in 0..50 {
-            for s in schedule(seed, 20_000, FaultMix { process: false, network: true, storage: false }) {
+            for s in schedule(
+                seed,
+                20_000,
+                FaultMix {
+                    process: false,
+                    network: true,
+                    storage: false,
+                },
+            ) {
                 assert!(matches!(s.fault, Fault::Proxy(..)), "{:?}", s.fault);
             }
         }

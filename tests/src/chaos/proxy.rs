@@ -187,7 +187,10 @@ mod tests {
     async fn modes_pass_hold_and_drop() {
         let proxy = Proxy::start(&echo_server().await);
         let t = Duration::from_millis(500);
-        assert_eq!(roundtrip(&proxy.addr, t).await.as_deref(), Some(&b"ping"[..]));
+        assert_eq!(
+            roundtrip(&proxy.addr, t).await.as_deref(),
+            Some(&b"ping"[..])
+        );
         proxy.set(Mode::Blackhole);
         assert_eq!(roundtrip(&proxy.addr, t).await, None, "blackhole holds");
         proxy.set(Mode::DropReplies);

@@ -142,7 +142,10 @@ pub async fn run(cfg: RunConfig) -> RunReport {
         .map(|s| format!("{:>6} ms  hold {:>5} ms  {}\n", s.at_ms, s.hold_ms, s.fault))
         .collect();
     let _ = std::fs::write(dir.join("schedule.txt"), &schedule_text);
-    say(&cfg, &format!("run dir {}; schedule:\n{schedule_text}", dir.display()));
+    say(
+        &cfg,
+        &format!("run dir {}; schedule:\n{schedule_text}", dir.display()),
+    );
     let recorder = Recorder::create(&dir.join("history.jsonl")).expect("create history.jsonl");
     let mut report = RunReport {
         seed: cfg.seed,

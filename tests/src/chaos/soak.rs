@@ -69,7 +69,11 @@ impl fmt::Display for Summary {
         for (k, n) in &self.violations {
             writeln!(f, "    {k:<22} {n}")?;
         }
-        writeln!(f, "  keys unchecked (search budget): {}", self.unchecked_keys)?;
+        writeln!(
+            f,
+            "  keys unchecked (search budget): {}",
+            self.unchecked_keys
+        )?;
         for (seed, dir) in &self.failed {
             writeln!(f, "  FAILED seed {seed}: {dir}")?;
         }
@@ -83,7 +87,10 @@ pub async fn soak(first: u64, runs: u64, duration: Duration, budget: Duration) -
     let mut summary = Summary::default();
     for seed in first..first.saturating_add(runs) {
         if started.elapsed() >= budget {
-            eprintln!("[chaos] time budget {budget:?} spent after {} runs", summary.runs);
+            eprintln!(
+                "[chaos] time budget {budget:?} spent after {} runs",
+                summary.runs
+            );
             break;
         }
         let mut cfg = RunConfig::new(seed, duration);
