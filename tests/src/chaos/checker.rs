@@ -581,7 +581,7 @@ mod tests {
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].kind, "lost_write");
         let gone = op(3, 4, Some(5), Input::Get, Output::NotFound);
-        assert_eq!(check_final_reads(&h, &[gone.clone()]).len(), 1);
+        assert_eq!(check_final_reads(&h, std::slice::from_ref(&gone)).len(), 1);
         // A delete of unknown outcome explains an absent key.
         let mut h2 = h.clone();
         h2.push(op(4, 3, None, Input::Delete, Output::Unknown));
