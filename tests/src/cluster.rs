@@ -78,6 +78,7 @@ pub struct TestCluster {
     /// Storage nodes, index 0 is `s1`.
     pub nodes: Vec<StorageNode>,
     options: ClusterOptions,
+    kept: bool,
 }
 
 impl TestCluster {
@@ -108,6 +109,7 @@ impl TestCluster {
             frontend,
             nodes: Vec::new(),
             options: options.clone(),
+            kept: false,
         };
         for i in 1..=options.storage_nodes {
             cluster.add_node_with(&format!("s{i}"), &mut advertise);
@@ -327,8 +329,11 @@ impl TestCluster {
     /// Keeps the cluster directory after the cluster is dropped; returns its path.
     pub fn keep_dir(&mut self) -> PathBuf {
         let path = self.dir.path().to_path_buf();
-        let old = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
-        let _ = old.keep();
+        if !self.kept {
+            let old = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+            let _ = old.keep();
+            self.kept = true;
+        }
         path
     }
 
@@ -359,7 +364,7 @@ impl Drop for TestCluster {
         if std::thread::panicking() {
             self.dump_logs();
         }
-        if std::env::var_os("WALKV_KEEP_TMP").is_some() {
+        if std::env::var_os("WALKV_KEEP_TMP").is_some() && !self.kept {
             let path =
                 std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir")).keep();
             eprintln!("kept cluster dir {}", path.display());

@@ -9,7 +9,8 @@
 //! Faults never exceed what the guarantees cover: destructive storage faults (torn tail,
 //! bit flip, wiped data dir) hit one node, and only while all three are in sync (§3.1: an
 //! acknowledged write survives while one in-sync node keeps its disk); the runner skips
-//! them otherwise.
+//! them otherwise. Disk errors (`DiskError`) need `strace`; without it they are skipped
+//! (counted as `skipped_fsync_*`), so a seed's schedule does not depend on the machine.
 
 use super::proxy::Mode;
 use rand::rngs::StdRng;
@@ -43,6 +44,16 @@ pub enum Fault {
     BitFlip(usize),
     /// Kill a node, delete its data dir's contents, restart it (it catches up from empty).
     WipeData(usize),
+    /// Restart a node under `strace` so that its `after`-th and later `fdatasync` calls
+    /// fail with `errno` (EIO or ENOSPC); it must stop. At heal it restarts without strace.
+    DiskError {
+        /// The node.
+        node: usize,
+        /// `EIO` or `ENOSPC`.
+        errno: &'static str,
+        /// First failing `fdatasync` call.
+        after: u32,
+    },
 }
 
 impl Fault {
@@ -63,6 +74,8 @@ impl Fault {
             Fault::TornTail(_) => "torn_tail",
             Fault::BitFlip(_) => "bit_flip",
             Fault::WipeData(_) => "wipe_data",
+            Fault::DiskError { errno: "EIO", .. } => "fsync_eio",
+            Fault::DiskError { .. } => "fsync_enospc",
         }
     }
 
@@ -94,6 +107,11 @@ impl fmt::Display for Fault {
             Fault::TornTail(i) => write!(f, "torn WAL tail on s{}", i + 1),
             Fault::BitFlip(i) => write!(f, "bit flip mid-WAL on s{}", i + 1),
             Fault::WipeData(i) => write!(f, "wipe data dir of s{}", i + 1),
+            Fault::DiskError { node, errno, after } => write!(
+                f,
+                "s{} under strace: fdatasync fails with {errno} from call {after} on",
+                node + 1
+            ),
         }
     }
 }
@@ -169,10 +187,15 @@ fn random_fault(rng: &mut StdRng, mix: FaultMix) -> Fault {
                 _ => Mode::Bandwidth(rng.gen_range(2_000..50_000)),
             },
         ),
-        _ => match rng.gen_range(0..3) {
+        _ => match rng.gen_range(0..4) {
             0 => Fault::TornTail(node),
             1 => Fault::BitFlip(node),
-            _ => Fault::WipeData(node),
+            2 => Fault::WipeData(node),
+            _ => Fault::DiskError {
+                node,
+                errno: if rng.gen_bool(0.5) { "EIO" } else { "ENOSPC" },
+                after: rng.gen_range(1..40),
+            },
         },
     }
 }

@@ -18,6 +18,7 @@ use super::history::{self, Input, Operation, Output, Recorder};
 use super::nemesis::{self, Fault, FaultMix, Step};
 use super::proxy::{Mode, Proxy};
 use crate::cluster::{ClusterOptions, TestCluster};
+use crate::process::{bin_path, NodeProcess};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
@@ -137,6 +138,7 @@ pub async fn run(cfg: RunConfig) -> RunReport {
     })
     .await;
     let dir = cluster.dir.path().to_path_buf();
+    check_advertised(&cluster, &proxies).await;
     let schedule_text: String = steps
         .iter()
         .map(|s| format!("{:>6} ms  hold {:>5} ms  {}\n", s.at_ms, s.hold_ms, s.fault))
@@ -166,10 +168,11 @@ pub async fn run(cfg: RunConfig) -> RunReport {
         )));
     }
 
+    let mut traced = vec![false; cluster.nodes.len()];
     let start = tokio::time::Instant::now();
     for step in &steps {
         tokio::time::sleep_until(start + Duration::from_millis(step.at_ms)).await;
-        let applied = inject(&mut cluster, &proxies, &step.fault, &recorder).await;
+        let applied = inject(&mut cluster, &proxies, &mut traced, &step.fault, &recorder).await;
         let kind = step.fault.kind();
         let name = if applied {
             kind.to_string()
@@ -178,7 +181,7 @@ pub async fn run(cfg: RunConfig) -> RunReport {
         };
         *report.faults.entry(name).or_default() += 1;
         tokio::time::sleep(Duration::from_millis(step.hold_ms)).await;
-        heal(&mut cluster, &proxies, &recorder);
+        heal(&mut cluster, &proxies, &mut traced, &recorder);
     }
     tokio::time::sleep_until(start + cfg.duration).await;
     // Faults stop with the workload (SPEC §3.4 promises convergence once faults stop):
@@ -188,7 +191,7 @@ pub async fn run(cfg: RunConfig) -> RunReport {
         // A worker task only ends by itself; a panic is a harness bug worth surfacing.
         w.await.expect("chaos worker panicked");
     }
-    heal(&mut cluster, &proxies, &recorder);
+    heal(&mut cluster, &proxies, &mut traced, &recorder);
     let healed = wait_healthy(&cluster, HEAL_TIMEOUT).await;
     if !healed {
         report.violations.push(Violation {
@@ -210,6 +213,24 @@ pub async fn run(cfg: RunConfig) -> RunReport {
     check(&recorder, &finals, &mut report);
     finish(&mut cluster, &dir, &steps, &mut report);
     report
+}
+
+/// The frontend must know each node by its proxy's address (`--advertise`), or the
+/// network faults would miss the frontend → storage path.
+async fn check_advertised(cluster: &TestCluster, proxies: &[Proxy]) {
+    let status = cluster
+        .status()
+        .await
+        .expect("a started cluster answers status");
+    for (node, proxy) in cluster.nodes.iter().zip(proxies) {
+        let seen = status.nodes.iter().find(|n| n.id.0 == node.id);
+        assert_eq!(
+            seen.map(|n| n.addr.as_str()),
+            Some(proxy.addr.as_str()),
+            "{} must be registered at its advertised (proxy) address",
+            node.id
+        );
+    }
 }
 
 /// Runs all checkers over the history.
@@ -276,11 +297,16 @@ fn finish(cluster: &mut TestCluster, dir: &Path, steps: &[Step], report: &mut Ru
 async fn inject(
     cluster: &mut TestCluster,
     proxies: &[Proxy],
+    under_strace: &mut [bool],
     fault: &Fault,
     recorder: &Recorder,
 ) -> bool {
     if fault.destructive() && !all_in_sync(cluster, IN_SYNC_WAIT).await {
         recorder.nemesis(&format!("skip {fault}: not every node is in sync"));
+        return false;
+    }
+    if let (Fault::DiskError { .. }, Some(why)) = (fault, strace_unusable()) {
+        recorder.nemesis(&format!("skip {fault}: {why}"));
         return false;
     }
     recorder.nemesis(&fault.to_string());
@@ -298,6 +324,21 @@ async fn inject(
         }
         Fault::PauseFrontend => cluster.frontend.pause(),
         Fault::Proxy(i, mode) => proxies[*i].set(*mode),
+        Fault::DiskError { node, errno, after } => {
+            let dir = cluster.dir.path().to_path_buf();
+            let n = &mut cluster.nodes[*node];
+            n.process.kill();
+            let mut args: Vec<String> = ["-f", "-qq", "-o", "/dev/null", "-e"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            args.push(format!("inject=fdatasync:error={errno}:when={after}+"));
+            args.push("--".into());
+            args.push(bin_path("storage").display().to_string());
+            args.extend(n.args.iter().cloned());
+            n.process = NodeProcess::spawn(&n.id, Path::new("strace"), &args, &dir);
+            under_strace[*node] = true;
+        }
         Fault::TornTail(i) | Fault::BitFlip(i) | Fault::WipeData(i) => {
             let node = &mut cluster.nodes[*i];
             node.process.kill();
@@ -315,12 +356,48 @@ async fn inject(
     true
 }
 
-/// Ends every fault: proxies pass, paused processes continue, dead ones restart.
-pub fn heal(cluster: &mut TestCluster, proxies: &[Proxy], recorder: &Recorder) {
+/// Why `strace` fault injection cannot run here, if it cannot (checked once per process).
+pub fn strace_unusable() -> Option<String> {
+    static CHECK: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    CHECK
+        .get_or_init(|| {
+            let probe = ["-f", "-qq", "-o", "/dev/null", "-e"];
+            match std::process::Command::new("strace")
+                .args(probe)
+                .args(["inject=fdatasync:error=EIO:when=1000", "true"])
+                .status()
+            {
+                Ok(s) if s.success() => None,
+                Ok(s) => Some(format!(
+                    "strace cannot trace here ({s}); ptrace not permitted?"
+                )),
+                Err(e) => Some(format!("strace not available: {e}")),
+            }
+        })
+        .clone()
+}
+
+/// Ends every fault: proxies pass, paused processes continue, dead ones restart, nodes
+/// under strace come back without it.
+pub fn heal(
+    cluster: &mut TestCluster,
+    proxies: &[Proxy],
+    under_strace: &mut [bool],
+    recorder: &Recorder,
+) {
     for p in proxies {
         p.set(Mode::Pass);
     }
     let mut restarted = Vec::new();
+    let dir = cluster.dir.path().to_path_buf();
+    for (i, traced) in under_strace.iter_mut().enumerate() {
+        if std::mem::take(traced) {
+            let n = &mut cluster.nodes[i];
+            n.process.kill();
+            n.process = NodeProcess::spawn(&n.id, &bin_path("storage"), &n.args, &dir);
+            restarted.push(format!("{} (without strace)", n.id));
+        }
+    }
     cluster.frontend.resume();
     if !cluster.frontend.is_alive() {
         cluster.restart_frontend(&[]);
