@@ -40,6 +40,9 @@ const FINAL_READ_ATTEMPTS: u32 = 20;
 const WORKER_REQUEST_TIMEOUT_MS: u64 = 700;
 /// A worker's client: total retry deadline of one operation, ms.
 const WORKER_RETRY_DEADLINE_MS: u64 = 1500;
+/// Harness bound on one client call, far past the client's own deadlines: a call still
+/// running then is a client hang (SPEC §2: never a hang without deadline).
+const CLIENT_HANG: Duration = Duration::from_secs(10);
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -187,9 +190,16 @@ pub async fn run(cfg: RunConfig) -> RunReport {
     // Faults stop with the workload (SPEC §3.4 promises convergence once faults stop):
     // every worker's last op is bounded by its client's retry deadline.
     stop.store(true, Ordering::Relaxed);
+    let mut hangs = 0;
     for w in workers {
         // A worker task only ends by itself; a panic is a harness bug worth surfacing.
-        w.await.expect("chaos worker panicked");
+        hangs += w.await.expect("chaos worker panicked");
+    }
+    if hangs > 0 {
+        report.violations.push(Violation {
+            kind: "client_hang".into(),
+            detail: format!("{hangs} client call(s) ran past {CLIENT_HANG:?} (see history.jsonl)"),
+        });
     }
     heal(&mut cluster, &proxies, &mut traced, &recorder);
     let healed = wait_healthy(&cluster, HEAL_TIMEOUT).await;
@@ -523,7 +533,8 @@ async fn worker(
     recorder: Recorder,
     stop: Arc<AtomicBool>,
     processes: Arc<AtomicU64>,
-) {
+) -> u64 {
+    let mut hangs = 0u64;
     let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(1000).wrapping_add(w as u64));
     let config = ClientConfig {
         request_timeout_ms: WORKER_REQUEST_TIMEOUT_MS,
@@ -553,12 +564,24 @@ async fn worker(
             },
         };
         let op = recorder.invoke(process, &key, input.clone());
-        let out = match &input {
-            Input::Get => classify_read(client.get(&key).await),
-            Input::Put { value } => classify_write(client.put(&key, value).await),
-            Input::Delete => classify_write(client.delete(&key).await),
-            Input::Cas { expected, value } => {
-                classify_write(client.cas(&key, Seq(*expected), value).await)
+        let call = async {
+            match &input {
+                Input::Get => classify_read(client.get(&key).await),
+                Input::Put { value } => classify_write(client.put(&key, value).await),
+                Input::Delete => classify_write(client.delete(&key).await),
+                Input::Cas { expected, value } => {
+                    classify_write(client.cas(&key, Seq(*expected), value).await)
+                }
+            }
+        };
+        let out = match tokio::time::timeout(CLIENT_HANG, call).await {
+            Ok(out) => out,
+            Err(_) => {
+                hangs += 1;
+                recorder.nemesis(&format!(
+                    "client hang: op {op} of p{process} ran past {CLIENT_HANG:?}"
+                ));
+                Output::Unknown
             }
         };
         match &out {
@@ -581,6 +604,7 @@ async fn worker(
             client = new_client(&cfg, process, &config).await;
         }
     }
+    hangs
 }
 
 async fn new_client(cfg: &RunConfig, process: u64, config: &ClientConfig) -> Client {
