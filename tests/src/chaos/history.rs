@@ -297,7 +297,8 @@ impl Recorder {
         self.push(&mut inner, e);
     }
 
-    /// Records a nemesis action.
+    /// Records a nemesis action, and flushes the file so that a stuck run's history on
+    /// disk is current up to its last fault.
     pub fn nemesis(&self, what: &str) {
         let mut inner = self.inner.lock().expect("recorder lock is never poisoned");
         let e = Event::Nemesis {
@@ -305,6 +306,7 @@ impl Recorder {
             what: what.to_string(),
         };
         self.push(&mut inner, e);
+        let _ = inner.file.flush();
     }
 
     /// Flushes the file and returns every event so far.
