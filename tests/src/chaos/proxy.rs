@@ -26,6 +26,12 @@ use tokio::task::JoinHandle;
 /// Largest chunk read and forwarded at once.
 pub const CHUNK_BYTES: usize = 16 * 1024;
 
+/// Proxies listen on this loopback address, not 127.0.0.1: the harness picks the nodes'
+/// ports on 127.0.0.1 by binding and releasing them, and a proxy bound in between could
+/// otherwise take a port a node is about to listen on (seen in a soak run). It also makes
+/// the advertised address differ from the listen address in its IP, as behind NAT.
+pub const PROXY_IP: &str = "127.0.0.2";
+
 /// Deadline to connect to the upstream node.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -53,10 +59,10 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Binds 127.0.0.1:0 and forwards to `upstream`. Must be called inside a runtime.
+    /// Binds [`PROXY_IP`]`:0` and forwards to `upstream`. Must be called inside a runtime.
     pub fn start(upstream: &str) -> Proxy {
-        let std_listener =
-            std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy on 127.0.0.1:0");
+        let std_listener = std::net::TcpListener::bind((PROXY_IP, 0))
+            .unwrap_or_else(|e| panic!("bind proxy on {PROXY_IP}:0: {e}"));
         std_listener
             .set_nonblocking(true)
             .expect("set proxy listener nonblocking");
