@@ -14,6 +14,7 @@ use walkv_tests::chaos::runner::{run, RunConfig};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_reads_from_unsafe_setting_are_caught() {
     let mut cfg = RunConfig::new(4242, Duration::from_millis(5500));
+    cfg.keep_on_failure = false;
     cfg.frontend_extra =
         "unsafe_read_any_node = true\ncatchup_page_max = 5\ncatchup_join_lag = 20\n".into();
     cfg.schedule = Some(vec![

@@ -65,6 +65,9 @@ pub struct RunConfig {
     pub frontend_extra: String,
     /// Print progress lines.
     pub verbose: bool,
+    /// Keep the run directory when a violation is found (negative controls, which expect
+    /// violations, turn this off so they leave nothing behind).
+    pub keep_on_failure: bool,
 }
 
 impl RunConfig {
@@ -79,6 +82,7 @@ impl RunConfig {
             schedule: None,
             frontend_extra: String::new(),
             verbose: true,
+            keep_on_failure: true,
         }
     }
 }
@@ -227,7 +231,7 @@ pub async fn run(cfg: RunConfig) -> RunReport {
         }
     }
     check(&recorder, &finals, &mut report);
-    finish(&mut cluster, &dir, &steps, &mut report);
+    finish(&mut cluster, &dir, &steps, cfg.keep_on_failure, &mut report);
     report
 }
 
@@ -275,7 +279,13 @@ fn check(recorder: &Recorder, finals: &[u64], report: &mut RunReport) {
 }
 
 /// Writes `report.txt`, prints the verdict, keeps the directory on failure.
-fn finish(cluster: &mut TestCluster, dir: &Path, steps: &[Step], report: &mut RunReport) {
+fn finish(
+    cluster: &mut TestCluster,
+    dir: &Path,
+    steps: &[Step],
+    keep_on_failure: bool,
+    report: &mut RunReport,
+) {
     let mut text = format!(
         "seed {}\nops {} (ok {}, fail {}, info {})\nfaults {:?}\nunchecked keys {}\nviolations {}\n",
         report.seed,
@@ -292,7 +302,8 @@ fn finish(cluster: &mut TestCluster, dir: &Path, steps: &[Step], report: &mut Ru
     }
     text.push_str(&format!("\nschedule: {} steps\n", steps.len()));
     let _ = std::fs::write(dir.join("report.txt"), &text);
-    if !report.violations.is_empty() || std::env::var_os("WALKV_KEEP_TMP").is_some() {
+    let keep = !report.violations.is_empty() && keep_on_failure;
+    if keep || std::env::var_os("WALKV_KEEP_TMP").is_some() {
         let kept = cluster.keep_dir();
         eprintln!(
             "[chaos] seed {}: {} violation(s); run kept in {} (history.jsonl, report.txt, logs)",
@@ -301,6 +312,12 @@ fn finish(cluster: &mut TestCluster, dir: &Path, steps: &[Step], report: &mut Ru
             kept.display()
         );
         report.kept_dir = Some(kept);
+    } else if !report.violations.is_empty() {
+        eprintln!(
+            "[chaos] seed {}: {} violation(s) (expected by this negative control); report:\n{text}",
+            report.seed,
+            report.violations.len()
+        );
     } else {
         eprintln!(
             "[chaos] seed {}: ok ({} ops, {} info, faults {:?})",
