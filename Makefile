@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BINS := frontend storage client
 
-.PHONY: all build test check cluster clean clean-data help
+.PHONY: all build test check cluster clean clean-data help chaos soak
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -17,6 +17,20 @@ build: ## debug build of the three binaries (the integration tests run these)
 
 test: build ## every test: unit tests and the multi-process drills
 	$(CARGO) test --workspace
+
+SEED ?= $(shell date +%s)
+DURATION ?= 10
+SEEDS ?= 200
+MINUTES ?= 15
+RUN_SECS ?= 4
+
+chaos: build ## one randomized fault run: make chaos SEED=7 DURATION=10 (prints the seed; keeps the run dir on failure)
+	$(CARGO) build -p walkv-tests --bin chaos
+	./target/debug/chaos --seed $(SEED) --duration-secs $(DURATION)
+
+soak: build ## many seeds: make soak SEEDS=200 MINUTES=15 [SEED=first RUN_SECS=4]; prints a summary
+	$(CARGO) build -p walkv-tests --bin chaos
+	./target/debug/chaos --seed $(SEED) --runs $(SEEDS) --minutes $(MINUTES) --duration-secs $(RUN_SECS)
 
 check: ## fmt check, clippy -D warnings, tests, docs with warnings denied
 	$(CARGO) fmt --all -- --check

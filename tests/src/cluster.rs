@@ -34,6 +34,8 @@ pub struct ClusterOptions {
     pub rpc_timeout_ms: u64,
     /// Extra lines appended to frontend.toml.
     pub frontend_extra: String,
+    /// Extra lines appended to every storage node's config.
+    pub storage_extra: String,
 }
 
 impl Default for ClusterOptions {
@@ -44,6 +46,7 @@ impl Default for ClusterOptions {
             failure_timeout_ms: 1000,
             rpc_timeout_ms: 1000,
             frontend_extra: String::new(),
+            storage_extra: String::new(),
         }
     }
 }
@@ -58,6 +61,8 @@ pub struct StorageNode {
     pub data_dir: PathBuf,
     /// The process.
     pub process: NodeProcess,
+    /// The `storage` arguments it runs with (to respawn it under a wrapper such as strace).
+    pub args: Vec<String>,
 }
 
 /// A running cluster.
@@ -73,12 +78,22 @@ pub struct TestCluster {
     /// Storage nodes, index 0 is `s1`.
     pub nodes: Vec<StorageNode>,
     options: ClusterOptions,
+    kept: bool,
 }
 
 impl TestCluster {
     /// Starts a frontend and `options.storage_nodes` storage nodes and waits until every
     /// node is in sync.
     pub async fn start(options: ClusterOptions) -> TestCluster {
+        Self::start_with(options, |_, _| None).await
+    }
+
+    /// Like [`TestCluster::start`], but `advertise(id, listen)` may return the address a
+    /// node advertises instead of its listen address (a proxy in front of it).
+    pub async fn start_with(
+        options: ClusterOptions,
+        mut advertise: impl FnMut(&str, &str) -> Option<String>,
+    ) -> TestCluster {
         let dir = tempfile::Builder::new()
             .prefix("walkv-test-")
             .tempdir()
@@ -94,9 +109,10 @@ impl TestCluster {
             frontend,
             nodes: Vec::new(),
             options: options.clone(),
+            kept: false,
         };
         for i in 1..=options.storage_nodes {
-            cluster.add_node(&format!("s{i}"));
+            cluster.add_node_with(&format!("s{i}"), &mut advertise);
         }
         cluster.wait_in_sync(options.storage_nodes).await;
         cluster
@@ -131,18 +147,28 @@ impl TestCluster {
 
     /// Adds (and starts) a storage node with a new id.
     pub fn add_node(&mut self, id: &str) -> usize {
+        self.add_node_with(id, |_, _| None)
+    }
+
+    /// Adds (and starts) a storage node; `advertise(id, listen)` may name the address it
+    /// registers with (`--advertise`).
+    pub fn add_node_with(
+        &mut self,
+        id: &str,
+        mut advertise: impl FnMut(&str, &str) -> Option<String>,
+    ) -> usize {
         let addr = free_addr();
         let data_dir = self.dir.path().join(id);
         let config = self.dir.path().join(format!("{id}.toml"));
         std::fs::write(
             &config,
             format!(
-                "frontend = \"{}\"\ncluster_token = \"{TOKEN}\"\nsnapshot_every = {}\nheartbeat_ms = 100\n",
-                self.storage_listen, self.options.snapshot_every
+                "frontend = \"{}\"\ncluster_token = \"{TOKEN}\"\nsnapshot_every = {}\nheartbeat_ms = 100\n{}\n",
+                self.storage_listen, self.options.snapshot_every, self.options.storage_extra
             ),
         )
         .expect("write storage config");
-        let args = vec![
+        let mut args = vec![
             "--config".to_string(),
             config.display().to_string(),
             "--id".into(),
@@ -152,12 +178,16 @@ impl TestCluster {
             "--data-dir".into(),
             data_dir.display().to_string(),
         ];
+        if let Some(adv) = advertise(id, &addr) {
+            args.extend(["--advertise".to_string(), adv]);
+        }
         let process = NodeProcess::spawn(id, &bin_path("storage"), &args, self.dir.path());
         self.nodes.push(StorageNode {
             id: id.to_string(),
             addr,
             data_dir,
             process,
+            args,
         });
         self.nodes.len() - 1
     }
@@ -296,6 +326,17 @@ impl TestCluster {
         }
     }
 
+    /// Keeps the cluster directory after the cluster is dropped; returns its path.
+    pub fn keep_dir(&mut self) -> PathBuf {
+        let path = self.dir.path().to_path_buf();
+        if !self.kept {
+            let old = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+            let _ = old.keep();
+            self.kept = true;
+        }
+        path
+    }
+
     /// Prints where every process's log is and its tail.
     pub fn dump_logs(&self) {
         eprintln!(
@@ -323,7 +364,7 @@ impl Drop for TestCluster {
         if std::thread::panicking() {
             self.dump_logs();
         }
-        if std::env::var_os("WALKV_KEEP_TMP").is_some() {
+        if std::env::var_os("WALKV_KEEP_TMP").is_some() && !self.kept {
             let path =
                 std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir")).keep();
             eprintln!("kept cluster dir {}", path.display());

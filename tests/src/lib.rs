@@ -5,9 +5,11 @@
 //! - [`cluster`]: a frontend plus N storage nodes in one temp dir (`TestCluster`).
 //! - [`load`]: background writers that record acknowledged writes, and the check that
 //!   they all survived.
+//! - [`chaos`]: randomized fault runs with a history checker (`make chaos`, `make soak`).
 //!
 //! The binaries come from `target/debug` (`make build`; `make test` builds them first).
 
+pub mod chaos;
 pub mod cluster;
 pub mod load;
 pub mod process;

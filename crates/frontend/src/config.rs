@@ -64,6 +64,11 @@ pub struct Config {
     pub max_connections: u32,
     /// On shutdown, how long in-flight requests may take before they are aborted. Default 2000.
     pub shutdown_grace_ms: u64,
+    /// NEGATIVE CONTROL, NEVER IN PRODUCTION: serve reads from any registered node
+    /// (catching-up and stale ones included) without waiting for the commit index. This
+    /// breaks linearizability on purpose so the chaos harness can prove its checker catches
+    /// stale reads. Logs a loud warning at start. Default false.
+    pub unsafe_read_any_node: bool,
     /// Command line only (`--unsafe-recover`): when no member of the last in-sync set can be
     /// reached, take the most up-to-date reachable node as the truth. Never read from a file.
     #[serde(skip)]
@@ -93,6 +98,7 @@ impl Default for Config {
             max_value_bytes: 1_048_576,
             max_connections: 1024,
             shutdown_grace_ms: 2000,
+            unsafe_read_any_node: false,
             unsafe_recover: false,
         }
     }

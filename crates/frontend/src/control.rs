@@ -116,6 +116,17 @@ async fn recovery_step(cluster: &Cluster, grace: &mut Grace) {
             }
         }
     }
+    // Remember the confirmed positions: the registered ones go stale while a node keeps
+    // appending, and a recovery re-run in place (no re-registration) would otherwise
+    // compare against them forever ("positions changed") and never serve again.
+    {
+        let mut m = cluster.m();
+        for c in &fresh {
+            if let Some(n) = m.node_mut(&c.id) {
+                n.pos = c.pos;
+            }
+        }
+    }
     let Some(plan2) = decide(cluster, grace, Some(fresh)) else {
         return;
     };

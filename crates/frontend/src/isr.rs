@@ -369,6 +369,18 @@ impl Membership {
         members
     }
 
+    /// Every registered node, ISR or not, rotated: only for the `unsafe_read_any_node`
+    /// negative control, which must be able to read from stale nodes.
+    pub fn read_order_any(&mut self) -> Vec<NodeId> {
+        let mut nodes: Vec<NodeId> = self.live().map(|(id, _)| id.clone()).collect();
+        if !nodes.is_empty() {
+            self.round_robin = self.round_robin.wrapping_add(1);
+            let k = self.round_robin % nodes.len();
+            nodes.rotate_left(k);
+        }
+        nodes
+    }
+
     /// The cluster as `status` shows it.
     pub fn status(&self, commit: Seq, min_insync: u32, now: Instant) -> ClusterStatus {
         let mut ids: Vec<&NodeId> = self.nodes.keys().chain(self.state.isr.iter()).collect();

@@ -123,6 +123,13 @@ pub async fn run(
         unsafe_recover = config.unsafe_recover,
         "frontend starting; recovering"
     );
+    if config.unsafe_read_any_node {
+        warn!(
+            "!!! UNSAFE: unsafe_read_any_node = true: reads are served by ANY registered node \
+             without waiting for commit; they can be stale or uncommitted and are NOT \
+             linearizable. This setting exists only as a negative control for tests !!!"
+        );
+    }
     let (write_tx, write_rx) = mpsc::channel(config.write_queue as usize);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let cluster = Arc::new(Cluster::new(

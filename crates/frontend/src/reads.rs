@@ -47,6 +47,9 @@ fn members(cluster: &Cluster) -> Result<Vec<NodeId>, KvError> {
 /// Reads one key.
 pub async fn get(cluster: &Cluster, key: String) -> Result<Versioned, KvError> {
     let deadline = Instant::now() + cluster.config.request_timeout();
+    if cluster.config.unsafe_read_any_node {
+        return get_from_any_node(cluster, key, deadline).await;
+    }
     let commit = cluster.commit();
     let mut last_err = None;
     for id in members(cluster)? {
@@ -59,6 +62,27 @@ pub async fn get(cluster: &Cluster, key: String) -> Result<Versioned, KvError> {
                 debug!(node = %id, error = %e, "read failed; trying another in-sync node");
                 last_err = Some(e);
             }
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+    }
+    Err(unreachable(last_err))
+}
+
+/// The `unsafe_read_any_node` negative control: the first registered node that answers,
+/// ISR or not, with `min_seq = 0` and no wait for the commit index. Deliberately wrong.
+async fn get_from_any_node(
+    cluster: &Cluster,
+    key: String,
+    deadline: Instant,
+) -> Result<Versioned, KvError> {
+    let nodes = cluster.m().read_order_any();
+    let mut last_err = None;
+    for id in nodes {
+        match cluster.pool.read(&id, key.clone(), Seq(0), deadline).await {
+            Ok(reply) => return reply.value.ok_or(KvError::NotFound),
+            Err(e) => last_err = Some(e),
         }
         if Instant::now() >= deadline {
             break;

@@ -4,12 +4,16 @@
 //! - Segments are named `wal-<first seq, 20 digits>.log` so a directory listing sorts them.
 //! - Every file creation and rename is followed by an fsync of the directory, so the
 //!   name survives a crash along with the data.
+//! - [`WalFile`] goes through a [`Disk`] (`RealDisk` in the node; a simulated disk that
+//!   loses unsynced bytes in crash tests).
 //! - [`WalFile::append`] writes a whole group-commit batch with one `write_all` and one
 //!   `sync_data`; a failure of either is returned and the caller stops the node.
 
+use super::disk::{Disk, DiskFile, RealDisk};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use walkv_shared::Seq;
 
 /// The file name of the segment whose first record is `first`.
@@ -59,7 +63,7 @@ pub fn truncate_file(path: &Path, len: u64) -> io::Result<()> {
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
     let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
+    Write::write_all(&mut f, bytes)?;
     f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, dir.join(name))?;
@@ -77,7 +81,8 @@ pub fn remove_newest_first(dir: &Path, files: &[(Seq, PathBuf)]) -> io::Result<(
 /// The open, last segment of the WAL, to which the writer appends.
 #[derive(Debug)]
 pub struct WalFile {
-    file: File,
+    file: Box<dyn DiskFile>,
+    disk: Arc<dyn Disk>,
     path: PathBuf,
     first: Seq,
     fsync: bool,
@@ -86,26 +91,43 @@ pub struct WalFile {
 impl WalFile {
     /// Creates an empty segment for records from `first` on and makes its name durable.
     pub fn create(dir: &Path, first: Seq, fsync: bool) -> io::Result<WalFile> {
+        Self::create_on(Arc::new(RealDisk), dir, first, fsync)
+    }
+
+    /// [`WalFile::create`] on a given disk (tests pass a [`super::disk::SimDisk`]).
+    pub fn create_on(
+        disk: Arc<dyn Disk>,
+        dir: &Path,
+        first: Seq,
+        fsync: bool,
+    ) -> io::Result<WalFile> {
         let path = dir.join(segment_name(first));
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)?;
-        file.sync_all()?;
-        sync_dir(dir)?;
+        let file = disk.create_new(dir, &path)?;
         Ok(WalFile {
             file,
+            disk,
             path,
             first,
             fsync,
         })
     }
 
+    /// The next segment, from `first` on, on the same disk as this one.
+    pub fn create_next(&self, dir: &Path, first: Seq) -> io::Result<WalFile> {
+        Self::create_on(self.disk.clone(), dir, first, self.fsync)
+    }
+
     /// Opens an existing segment (already scanned and, if torn, truncated) for appending.
-    pub fn open_append(path: &Path, first: Seq, fsync: bool) -> io::Result<WalFile> {
-        let file = OpenOptions::new().append(true).open(path)?;
+    pub fn open_append(
+        disk: Arc<dyn Disk>,
+        path: &Path,
+        first: Seq,
+        fsync: bool,
+    ) -> io::Result<WalFile> {
+        let file = disk.open_append(path)?;
         Ok(WalFile {
             file,
+            disk,
             path: path.to_path_buf(),
             first,
             fsync,
@@ -119,6 +141,11 @@ impl WalFile {
             self.file.sync_data()?;
         }
         Ok(())
+    }
+
+    /// The disk this segment lives on.
+    pub fn disk(&self) -> Arc<dyn Disk> {
+        self.disk.clone()
     }
 
     /// The segment's path.

@@ -37,14 +37,17 @@
 //! dropped the dirty pages).
 
 pub mod codec;
+pub mod disk;
 pub mod file;
 pub mod writer;
 
 use crate::snapshot;
 use crate::store::{SnapshotData, Store};
 use codec::{DecodeError, Decoded};
+use disk::{Disk, RealDisk};
 use file::WalFile;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tracing::{error, info, warn};
 use walkv_shared::Seq;
 
@@ -237,6 +240,16 @@ pub fn recover(
     fsync: bool,
     discard_corrupt_tail: bool,
 ) -> Result<Recovered, RecoveryError> {
+    recover_on(Arc::new(RealDisk), dir, fsync, discard_corrupt_tail)
+}
+
+/// [`recover`] with the WAL's appends going to `disk` (crash tests use a simulated one).
+pub fn recover_on(
+    disk: Arc<dyn Disk>,
+    dir: &Path,
+    fsync: bool,
+    discard_corrupt_tail: bool,
+) -> Result<Recovered, RecoveryError> {
     remove_temp_files(dir)?;
     // Bounded: each round either succeeds or cuts the log shorter; a second problem after
     // a cut would mean the cut did not take effect.
@@ -244,7 +257,7 @@ pub fn recover(
         let ins = inspect(dir)?;
         let (store, problem) = replay(&ins)?;
         let Some(p) = problem else {
-            return finish(dir, &ins, store, fsync);
+            return finish(disk, dir, &ins, store, fsync);
         };
         if p.torn {
             let seg = &ins.segments[p.segment];
@@ -267,6 +280,7 @@ pub fn recover(
 const MAX_REPAIR_ROUNDS: usize = 4;
 
 fn finish(
+    disk: Arc<dyn Disk>,
     dir: &Path,
     ins: &Inspection,
     store: Store,
@@ -279,7 +293,7 @@ fn finish(
     // (no segments, or a leftover segment wholly covered by the snapshot) start a new one.
     let wal = match ins.segments.last() {
         Some(seg) if seg.first.0 + seg.decoded.records.len() as u64 == next.0 => {
-            WalFile::open_append(&seg.path, seg.first, fsync)
+            WalFile::open_append(disk, &seg.path, seg.first, fsync)
                 .map_err(io_err("cannot open", &seg.path))?
         }
         _ => {
@@ -289,7 +303,8 @@ fn finish(
                     dir.display()
                 )));
             }
-            WalFile::create(dir, next, fsync).map_err(io_err("cannot create segment in", dir))?
+            WalFile::create_on(disk, dir, next, fsync)
+                .map_err(io_err("cannot create segment in", dir))?
         }
     };
     Ok(Recovered {

@@ -27,7 +27,7 @@
 use crate::snapshot;
 use crate::store::{SnapshotData, Store};
 use crate::wal::file::{self, WalFile};
-use crate::wal::{codec, recover};
+use crate::wal::{codec, recover_on};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -478,7 +478,7 @@ impl Writer {
             return;
         }
         // Roll first, so every older segment is wholly covered by the snapshot.
-        match WalFile::create(&self.state.dir, pos.seq.next(), self.cfg.fsync) {
+        match self.wal.create_next(&self.state.dir, pos.seq.next()) {
             Ok(w) => self.wal = w,
             Err(e) => {
                 return self.state.fail(format!(
@@ -579,7 +579,7 @@ impl Writer {
 
     /// Rebuilds the store from disk with the startup recovery code.
     fn reload(&mut self) -> Result<LogPosition, KvError> {
-        match recover(&self.state.dir, self.cfg.fsync, false) {
+        match recover_on(self.wal.disk(), &self.state.dir, self.cfg.fsync, false) {
             Ok(r) => {
                 self.wal = r.wal;
                 let pos = r.store.pos();
@@ -644,6 +644,8 @@ fn write_snapshot(state: &NodeState, data: SnapshotData) {
 mod tests {
     use super::*;
     use crate::store::tests::put;
+    use crate::wal::disk::SimDisk;
+    use crate::wal::recover;
 
     fn open(dir: &Path, snapshot_every: u64) -> (Arc<NodeState>, WalWriter, WriterThread) {
         let r = recover(dir, true, false).unwrap();
@@ -773,5 +775,78 @@ mod tests {
             recover(dir.path(), true, false).unwrap().store.pos().seq,
             Seq(0)
         );
+    }
+
+    /// Appends `n` records, one acknowledged batch at a time, through a writer on the
+    /// simulated `disk`, then cuts the power: the writer is gone and every byte that was
+    /// not `sync_data`ed is lost (`torn` bytes of the unsynced tail survive, a torn page).
+    /// Returns the highest acknowledged seq.
+    async fn append_then_power_cut(
+        dir: &Path,
+        disk: &SimDisk,
+        fsync: bool,
+        n: u64,
+        torn: u64,
+    ) -> Seq {
+        let r = recover_on(Arc::new(disk.clone()), dir, fsync, false).unwrap();
+        let first = r.store.pos().seq.0 + 1;
+        let state = NodeState::new(dir.to_path_buf(), r.store, read_epoch(dir).unwrap());
+        let cfg = WriterConfig {
+            batch_max: 64,
+            snapshot_every: 1_000_000,
+            fsync,
+        };
+        let (w, t) = WalWriter::start(state, r.wal, cfg).unwrap();
+        let mut acked = Seq(first - 1);
+        for s in first..first + n {
+            w.append(Epoch(1), Seq(0), vec![put(s, &format!("k{s}"), "v")])
+                .await
+                .unwrap();
+            acked = Seq(s);
+        }
+        w.close().await;
+        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+        disk.crash(torn).unwrap();
+        acked
+    }
+
+    #[tokio::test]
+    async fn acked_appends_survive_a_simulated_power_cut() {
+        for torn in [0, 1, 17, 4096] {
+            let dir = tempfile::tempdir().unwrap();
+            let disk = SimDisk::new();
+            let acked = append_then_power_cut(dir.path(), &disk, true, 40, torn).await;
+            assert_eq!(
+                recover(dir.path(), true, false).unwrap().store.pos().seq,
+                acked
+            );
+            // Recover on the same disk, append more, crash again: still nothing lost.
+            let acked = append_then_power_cut(dir.path(), &disk, true, 25, torn).await;
+            assert_eq!(acked, Seq(65));
+            let r = recover(dir.path(), true, false).unwrap();
+            assert_eq!(
+                r.store.pos().seq,
+                acked,
+                "torn {torn}: acknowledged records lost"
+            );
+        }
+    }
+
+    /// Negative control: with `fsync = false` the writer acks before the data is durable,
+    /// and the simulated power cut must expose it (else the crash test proves nothing).
+    #[tokio::test]
+    async fn negative_control_fsync_off_loses_acked_appends_on_power_cut() {
+        // Torn parts shorter than the 40 unsynced records (~4 KiB), so some must be lost.
+        for torn in [0, 1, 17, 300] {
+            let dir = tempfile::tempdir().unwrap();
+            let disk = SimDisk::new();
+            let acked = append_then_power_cut(dir.path(), &disk, false, 40, torn).await;
+            let r = recover(dir.path(), true, false).expect("a torn tail is repaired, not refused");
+            assert!(
+                r.store.pos().seq < acked,
+                "torn {torn}: fsync=false lost nothing ({} of {acked}): the simulated crash cannot catch ack-before-fsync",
+                r.store.pos().seq
+            );
+        }
     }
 }
