@@ -68,6 +68,10 @@ pub struct TestCluster {
     pub client_addr: String,
     /// Frontend storage (registry) address.
     pub storage_listen: String,
+    /// Frontend HTTP door address (REST, WebSocket watch, /metrics, status page).
+    pub http_addr: String,
+    /// Frontend RESP (redis protocol) door address.
+    pub resp_addr: String,
     /// The frontend process.
     pub frontend: NodeProcess,
     /// Storage nodes, index 0 is `s1`.
@@ -85,12 +89,20 @@ impl TestCluster {
             .expect("create temp dir");
         let client_addr = free_addr();
         let storage_listen = free_addr();
-        let frontend =
-            Self::spawn_frontend(dir.path(), &client_addr, &storage_listen, &options, &[]);
+        let doors = [free_addr(), free_addr()];
+        let frontend = Self::spawn_frontend(
+            dir.path(),
+            [&client_addr, &storage_listen, &doors[0], &doors[1]],
+            &options,
+            &[],
+        );
+        let [http_addr, resp_addr] = doors;
         let mut cluster = TestCluster {
             dir,
             client_addr,
             storage_listen,
+            http_addr,
+            resp_addr,
             frontend,
             nodes: Vec::new(),
             options: options.clone(),
@@ -102,19 +114,23 @@ impl TestCluster {
         cluster
     }
 
+    /// Writes frontend.toml and starts the frontend; `addrs` are the client, storage, HTTP
+    /// and RESP listen addresses (every door gets its own free port, so tests never
+    /// collide on the default ports).
     fn spawn_frontend(
         dir: &Path,
-        client_addr: &str,
-        storage_listen: &str,
+        addrs: [&str; 4],
         options: &ClusterOptions,
         extra_args: &[&str],
     ) -> NodeProcess {
+        let [client_addr, storage_listen, http_addr, resp_addr] = addrs;
         let config = dir.join("frontend.toml");
         let data = dir.join("frontend");
         std::fs::write(
             &config,
             format!(
                 "client_listen = \"{client_addr}\"\nstorage_listen = \"{storage_listen}\"\n\
+                 http_listen = \"{http_addr}\"\nresp_listen = \"{resp_addr}\"\n\
                  data_dir = \"{}\"\ncluster_token = \"{TOKEN}\"\nrpc_timeout_ms = {}\n\
                  failure_timeout_ms = {}\nrecovery_grace_ms = 300\n{}\n",
                 data.display(),
@@ -167,8 +183,12 @@ impl TestCluster {
         self.frontend.kill();
         self.frontend = Self::spawn_frontend(
             self.dir.path(),
-            &self.client_addr,
-            &self.storage_listen,
+            [
+                &self.client_addr,
+                &self.storage_listen,
+                &self.http_addr,
+                &self.resp_addr,
+            ],
             &self.options,
             extra_args,
         );

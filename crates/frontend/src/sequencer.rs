@@ -213,9 +213,15 @@ async fn replicate(cluster: &Cluster, batch: Vec<WriteJob>) {
         "commit index must only grow: {} -> {last}",
         cluster.commit()
     );
+    let outcomes = &acked[0].1;
+    // Published before the commit index moves, so a watcher woken by it finds the changes.
+    cluster.changes.publish(
+        first,
+        last,
+        crate::watch::changes_of(&req.records, outcomes),
+    );
     cluster.commit_tx.send_replace(last);
     debug!(first = %first, last = %last, "batch committed");
-    let outcomes = &acked[0].1;
     for (job, outcome) in batch.into_iter().zip(outcomes) {
         let _ = job.reply.send(outcome_result(outcome));
     }
