@@ -56,6 +56,8 @@ pub struct StorageNode {
     pub addr: String,
     /// Data directory.
     pub data_dir: PathBuf,
+    /// Prometheus `/metrics` address of the node (`metrics_listen`).
+    pub metrics_addr: String,
     /// The process.
     pub process: NodeProcess,
 }
@@ -148,12 +150,14 @@ impl TestCluster {
     /// Adds (and starts) a storage node with a new id.
     pub fn add_node(&mut self, id: &str) -> usize {
         let addr = free_addr();
+        let metrics_addr = free_addr();
         let data_dir = self.dir.path().join(id);
         let config = self.dir.path().join(format!("{id}.toml"));
         std::fs::write(
             &config,
             format!(
-                "frontend = \"{}\"\ncluster_token = \"{TOKEN}\"\nsnapshot_every = {}\nheartbeat_ms = 100\n",
+                "frontend = \"{}\"\ncluster_token = \"{TOKEN}\"\nsnapshot_every = {}\nheartbeat_ms = 100\n\
+                 metrics_listen = \"{metrics_addr}\"\n",
                 self.storage_listen, self.options.snapshot_every
             ),
         )
@@ -173,6 +177,7 @@ impl TestCluster {
             id: id.to_string(),
             addr,
             data_dir,
+            metrics_addr,
             process,
         });
         self.nodes.len() - 1

@@ -3,6 +3,7 @@
 //! - [`process`]: one child process (spawn, SIGKILL, SIGTERM, SIGSTOP/SIGCONT, restart,
 //!   logs), free ports, `wait_until`.
 //! - [`cluster`]: a frontend plus N storage nodes in one temp dir (`TestCluster`).
+//! - [`tools`]: running curl, redis-cli, nc, chromium with a time cap.
 //! - [`load`]: background writers that record acknowledged writes, and the check that
 //!   they all survived.
 //!
@@ -11,3 +12,4 @@
 pub mod cluster;
 pub mod load;
 pub mod process;
+pub mod tools;
