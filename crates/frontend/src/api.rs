@@ -169,3 +169,21 @@ impl Api {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lanes_are_reused_and_never_shared() {
+        let lanes = Lanes::new("http");
+        let a = lanes.take();
+        let b = lanes.take();
+        assert_ne!(a.id, b.id, "two requests in flight use two ids");
+        let a_id = a.id.clone();
+        lanes.give_back(Lane { op_no: 5, ..a });
+        let again = lanes.take();
+        assert_eq!((again.id.as_str(), again.op_no), (a_id.as_str(), 5));
+        assert!(again.id.starts_with("http-"));
+    }
+}

@@ -192,7 +192,7 @@ async fn execute(
             Ok(v) => resp::bulk(out, v.as_ref().map(|s| s.as_bytes())),
             Err(e) => kv_err(out, &e),
         },
-        "SET" if argc == 3 || argc == 4 => set(api, args, out).await,
+        "SET" if argc >= 3 => set(api, args, out).await,
         "PUT" if argc >= 3 => {
             let value = args[2..].join(&b' ');
             match put(api, &args[1], &value, false).await {
@@ -288,10 +288,10 @@ async fn put(api: &Api, key: &[u8], value: &[u8], nx: bool) -> Result<Seq, KvErr
 }
 
 async fn set(api: &Api, args: &[Vec<u8>], out: &mut Vec<u8>) {
-    let nx = match args.get(3) {
-        None => false,
-        Some(o) if o.eq_ignore_ascii_case(b"NX") => true,
-        Some(_) => return resp::error(out, "ERR syntax error (walkv supports SET key value [NX])"),
+    let nx = match &args[3..] {
+        [] => false,
+        [o] if o.eq_ignore_ascii_case(b"NX") => true,
+        _ => return resp::error(out, "ERR syntax error (walkv supports SET key value [NX])"),
     };
     match put(api, &args[1], &args[2], nx).await {
         Ok(_) => resp::simple(out, "OK"),

@@ -12,7 +12,8 @@
 //! 5. if fewer than `min_insync` members acked (or every member failed), answers `Timeout`
 //!    (outcome unknown: the records may survive on a member) and enters recovery, which
 //!    bumps the epoch and re-establishes the truth;
-//! 6. otherwise advances the commit index and answers each write from the deterministic
+//! 6. otherwise publishes the batch's changes to the watch ring ([`crate::watch`], never
+//!    blocks), advances the commit index and answers each write from the deterministic
 //!    [`Outcome`] its record produced ([`outcome_result`]).
 //!
 //! Invariants: one batch in flight at a time; seqs are assigned without gaps and never
