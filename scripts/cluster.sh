@@ -36,7 +36,9 @@ cat <<TXT
 
 walkv is running: frontend 127.0.0.1:7000 (clients), storage nodes s1..s3 on 127.0.0.1:7101-7103.
 Logs: data/logs/*.log   Data: data/
+Doors: HTTP + status page http://127.0.0.1:7080/  Redis protocol 127.0.0.1:6380  metrics http://127.0.0.1:7080/metrics
 Try:  ./client --id alice put greeting hello && ./client --id alice get greeting
+      curl http://127.0.0.1:7080/v1/kv/greeting ; redis-cli -p 6380 GET greeting
 Press Ctrl-C to stop the cluster.
 TXT
 wait

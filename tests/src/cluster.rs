@@ -59,6 +59,8 @@ pub struct StorageNode {
     pub addr: String,
     /// Data directory.
     pub data_dir: PathBuf,
+    /// Prometheus `/metrics` address of the node (`metrics_listen`).
+    pub metrics_addr: String,
     /// The process.
     pub process: NodeProcess,
     /// The `storage` arguments it runs with (to respawn it under a wrapper such as strace).
@@ -73,6 +75,10 @@ pub struct TestCluster {
     pub client_addr: String,
     /// Frontend storage (registry) address.
     pub storage_listen: String,
+    /// Frontend HTTP door address (REST, WebSocket watch, /metrics, status page).
+    pub http_addr: String,
+    /// Frontend RESP (redis protocol) door address.
+    pub resp_addr: String,
     /// The frontend process.
     pub frontend: NodeProcess,
     /// Storage nodes, index 0 is `s1`.
@@ -100,12 +106,20 @@ impl TestCluster {
             .expect("create temp dir");
         let client_addr = free_addr();
         let storage_listen = free_addr();
-        let frontend =
-            Self::spawn_frontend(dir.path(), &client_addr, &storage_listen, &options, &[]);
+        let doors = [free_addr(), free_addr()];
+        let frontend = Self::spawn_frontend(
+            dir.path(),
+            [&client_addr, &storage_listen, &doors[0], &doors[1]],
+            &options,
+            &[],
+        );
+        let [http_addr, resp_addr] = doors;
         let mut cluster = TestCluster {
             dir,
             client_addr,
             storage_listen,
+            http_addr,
+            resp_addr,
             frontend,
             nodes: Vec::new(),
             options: options.clone(),
@@ -118,19 +132,23 @@ impl TestCluster {
         cluster
     }
 
+    /// Writes frontend.toml and starts the frontend; `addrs` are the client, storage, HTTP
+    /// and RESP listen addresses (every door gets its own free port, so tests never
+    /// collide on the default ports).
     fn spawn_frontend(
         dir: &Path,
-        client_addr: &str,
-        storage_listen: &str,
+        addrs: [&str; 4],
         options: &ClusterOptions,
         extra_args: &[&str],
     ) -> NodeProcess {
+        let [client_addr, storage_listen, http_addr, resp_addr] = addrs;
         let config = dir.join("frontend.toml");
         let data = dir.join("frontend");
         std::fs::write(
             &config,
             format!(
                 "client_listen = \"{client_addr}\"\nstorage_listen = \"{storage_listen}\"\n\
+                 http_listen = \"{http_addr}\"\nresp_listen = \"{resp_addr}\"\n\
                  data_dir = \"{}\"\ncluster_token = \"{TOKEN}\"\nrpc_timeout_ms = {}\n\
                  failure_timeout_ms = {}\nrecovery_grace_ms = 300\n{}\n",
                 data.display(),
@@ -158,12 +176,14 @@ impl TestCluster {
         mut advertise: impl FnMut(&str, &str) -> Option<String>,
     ) -> usize {
         let addr = free_addr();
+        let metrics_addr = free_addr();
         let data_dir = self.dir.path().join(id);
         let config = self.dir.path().join(format!("{id}.toml"));
         std::fs::write(
             &config,
             format!(
-                "frontend = \"{}\"\ncluster_token = \"{TOKEN}\"\nsnapshot_every = {}\nheartbeat_ms = 100\n{}\n",
+                "frontend = \"{}\"\ncluster_token = \"{TOKEN}\"\nsnapshot_every = {}\nheartbeat_ms = 100\n\
+                 metrics_listen = \"{metrics_addr}\"\n{}\n",
                 self.storage_listen, self.options.snapshot_every, self.options.storage_extra
             ),
         )
@@ -186,6 +206,7 @@ impl TestCluster {
             id: id.to_string(),
             addr,
             data_dir,
+            metrics_addr,
             process,
             args,
         });
@@ -197,8 +218,12 @@ impl TestCluster {
         self.frontend.kill();
         self.frontend = Self::spawn_frontend(
             self.dir.path(),
-            &self.client_addr,
-            &self.storage_listen,
+            [
+                &self.client_addr,
+                &self.storage_listen,
+                &self.http_addr,
+                &self.resp_addr,
+            ],
             &self.options,
             extra_args,
         );

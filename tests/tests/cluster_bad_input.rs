@@ -166,6 +166,10 @@ async fn refusals() {
         &free_addr(),
         "--storage-listen",
         &free_addr(),
+        "--http-listen",
+        &free_addr(),
+        "--resp-listen",
+        &free_addr(),
     ]
     .iter()
     .map(|s| s.to_string())

@@ -65,6 +65,18 @@ pub enum Command {
     /// Show the cluster: epoch, commit index, every node's role, applied seq, lag, catch-up.
     /// Exits 2 when the cluster is unavailable.
     Status,
+    /// Print committed changes of keys starting with PREFIX, in commit order, one line each
+    /// (`VERSION put|delete KEY [VALUE]`, or JSON with --json) until interrupted.
+    Watch {
+        prefix: String,
+        /// Start at this version (older changes come from the storage nodes' logs);
+        /// default: only changes from now on.
+        #[arg(long)]
+        from: Option<u64>,
+        /// Stop after this many changes (default: never).
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Administrative commands.
     #[command(subcommand)]
     Admin(Admin),
@@ -205,6 +217,11 @@ pub async fn execute(client: &mut Client, command: Command, json: bool) -> i32 {
                 Err(e) => fail(&e, json),
             }
         }
+        Command::Watch {
+            prefix,
+            from,
+            count,
+        } => watch(client, &prefix, from, count, json).await,
         Command::Admin(Admin::RemoveNode { id }) => client.remove_node(&id).await.map(|()| {
             if json {
                 println!("{}", json!({"removed": id}));
@@ -216,6 +233,53 @@ pub async fn execute(client: &mut Client, command: Command, json: bool) -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => fail(&e, json),
+    }
+}
+
+/// How long one watch poll waits at the frontend for news.
+const WATCH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most changes per watch poll.
+const WATCH_BATCH: u32 = 1000;
+
+async fn watch(
+    client: &mut Client,
+    prefix: &str,
+    from: Option<u64>,
+    count: Option<u64>,
+    json: bool,
+) -> Result<(), KvError> {
+    use std::io::Write;
+    let mut next = match from {
+        Some(v) => Seq(v),
+        None => client.status().await?.commit_seq.next(),
+    };
+    let mut printed = 0u64;
+    loop {
+        let batch = client.watch(prefix, next, WATCH_BATCH, WATCH_WAIT).await?;
+        for c in &batch.changes {
+            if count.is_some_and(|n| printed >= n) {
+                return Ok(());
+            }
+            if json {
+                println!("{}", serde_json::to_string(c).unwrap_or_default());
+            } else {
+                let op = match c.op {
+                    walkv_shared::types::ChangeOp::Put => "put",
+                    walkv_shared::types::ChangeOp::Delete => "delete",
+                };
+                match &c.value {
+                    Some(v) => println!("{}\t{op}\t{}\t{v}", c.version, c.key),
+                    None => println!("{}\t{op}\t{}", c.version, c.key),
+                }
+            }
+            printed += 1;
+        }
+        // Each line reaches a pipe promptly, so `client watch | ...` streams.
+        let _ = std::io::stdout().flush();
+        if count.is_some_and(|n| printed >= n) {
+            return Ok(());
+        }
+        next = batch.next;
     }
 }
 

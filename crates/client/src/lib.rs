@@ -24,7 +24,9 @@ use std::time::Duration;
 use tarpc::client::Config as RpcConfig;
 use walkv_shared::rpc::FrontendClient;
 use walkv_shared::transport::{connect, context_with_timeout, unix_micros};
-use walkv_shared::types::{ClusterStatus, KeyValue, NodeId, Versioned, WriteOp, WriteRequest};
+use walkv_shared::types::{
+    ClusterStatus, KeyValue, NodeId, Versioned, WatchBatch, WriteOp, WriteRequest,
+};
 use walkv_shared::{KvError, Seq};
 
 pub mod config;
@@ -212,6 +214,29 @@ impl Client {
         self.with_retries(|rpc, ctx| {
             let (id, prefix) = (id.clone(), prefix.clone());
             async move { rpc.scan(ctx, id, prefix, limit).await }
+        })
+        .await
+        .map_err(|(e, _)| e)
+    }
+
+    /// One watch long-poll: committed changes of keys starting with `prefix` with
+    /// `version >= from`, at most `max`, waiting up to `wait` for a first one. Retried like
+    /// a read; resume with the answer's `next`.
+    pub async fn watch(
+        &mut self,
+        prefix: &str,
+        from: Seq,
+        max: u32,
+        wait: Duration,
+    ) -> Result<WatchBatch, KvError> {
+        let wait_ms = wait.as_millis().min(u32::MAX as u128) as u32;
+        // The frontend may hold the call for `wait` before it starts answering.
+        let deadline = self.config.request_timeout() + wait;
+        let prefix = prefix.to_string();
+        self.with_retries(|rpc, mut ctx| {
+            let prefix = prefix.clone();
+            ctx.deadline = std::time::Instant::now() + deadline;
+            async move { rpc.watch(ctx, prefix, from, max, wait_ms).await }
         })
         .await
         .map_err(|(e, _)| e)

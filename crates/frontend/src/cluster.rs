@@ -15,6 +15,7 @@ use crate::isr::{join_ids, IsrChange, Membership};
 use crate::pool::Pool;
 use crate::sequencer::WriteJob;
 use crate::state::StateFile;
+use crate::watch::ChangeLog;
 use std::sync::{Arc, MutexGuard};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, warn};
@@ -35,6 +36,8 @@ pub struct Cluster {
     pub pool: Pool,
     /// Queue in front of the sequencer.
     pub writes: mpsc::Sender<WriteJob>,
+    /// Recently committed changes for watchers (published by the sequencer).
+    pub changes: ChangeLog,
     state_file: Arc<StateFile>,
 }
 
@@ -54,6 +57,7 @@ impl Cluster {
             commit_tx: watch::channel(Seq(0)).0,
             pool,
             writes,
+            changes: ChangeLog::default(),
             state_file: Arc::new(state_file),
         }
     }

@@ -28,10 +28,14 @@ pub struct Config {
     pub client_listen: String,
     /// Address storage nodes register at (`Registry` service). Default `127.0.0.1:7001`.
     pub storage_listen: String,
-    /// HTTP/WebSocket listen address; reserved for a later issue, not bound yet. Default `127.0.0.1:7080`.
+    /// HTTP/JSON + WebSocket + `/metrics` + status page listen address; empty = off. Default `127.0.0.1:7080`.
     pub http_listen: String,
-    /// RESP (redis protocol) listen address; reserved for a later issue, not bound yet. Default `127.0.0.1:6380`.
+    /// Whether the HTTP door is served. Default true.
+    pub http_enabled: bool,
+    /// RESP (redis protocol, also inline text for `nc`) listen address; empty = off. Default `127.0.0.1:6380`.
     pub resp_listen: String,
+    /// Whether the RESP door is served. Default true.
+    pub resp_enabled: bool,
     /// Directory of the state file (`state.json`) and the `LOCK` file. Default `data/frontend`.
     pub data_dir: PathBuf,
     /// Shared secret that storage nodes present and the frontend presents to them. Default `walkv-dev-token`.
@@ -81,7 +85,9 @@ impl Default for Config {
             client_listen: "127.0.0.1:7000".into(),
             storage_listen: "127.0.0.1:7001".into(),
             http_listen: "127.0.0.1:7080".into(),
+            http_enabled: true,
             resp_listen: "127.0.0.1:6380".into(),
+            resp_enabled: true,
             data_dir: PathBuf::from("data/frontend"),
             cluster_token: "walkv-dev-token".into(),
             min_insync: 1,
@@ -136,10 +142,17 @@ impl Config {
         for (key, value) in [
             ("client_listen", &self.client_listen),
             ("storage_listen", &self.storage_listen),
+        ] {
+            parse_addr(key, value).map_err(ConfigError)?;
+        }
+        // An empty door address turns that door off.
+        for (key, value) in [
             ("http_listen", &self.http_listen),
             ("resp_listen", &self.resp_listen),
         ] {
-            parse_addr(key, value).map_err(ConfigError)?;
+            if !value.is_empty() {
+                parse_addr(key, value).map_err(ConfigError)?;
+            }
         }
         let at_least_one = |key: &str, v: u64| {
             if v == 0 {
@@ -178,6 +191,16 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The HTTP door's address, or `None` when it is off.
+    pub fn http_addr(&self) -> Option<&str> {
+        (self.http_enabled && !self.http_listen.is_empty()).then_some(self.http_listen.as_str())
+    }
+
+    /// The RESP door's address, or `None` when it is off.
+    pub fn resp_addr(&self) -> Option<&str> {
+        (self.resp_enabled && !self.resp_listen.is_empty()).then_some(self.resp_listen.as_str())
     }
 
     /// `rpc_timeout_ms` as a duration.

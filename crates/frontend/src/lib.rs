@@ -19,6 +19,11 @@
 //! - [`registry`]: the `Registry` service and the failure detector.
 //! - [`control`]: the loop driving recovery, failure detection and catch-up.
 //! - [`server`]: `FrontendServer`, the client-facing service.
+//! - [`api`]: the handle the other doors call (the same `FrontendServer` code path).
+//! - [`http`]: the HTTP/JSON door, WebSocket watch, `/metrics`, `/health`, status page.
+//! - [`resp`] (pure framing) and [`resp_door`]: the Redis-protocol door.
+//! - [`watch`]: the committed-change feed behind every watch door.
+//! - [`metrics`]: Prometheus metrics.
 //!
 //! Lifecycle: [`run`] locks the data dir, bumps and persists the epoch, starts `Recovering`,
 //! serves both listeners, and becomes `Serving` once recovery has chosen the truth. On
@@ -27,17 +32,23 @@
 //! started get `Unavailable`), and persists the state a last time. Correctness never
 //! depends on this: every acknowledged write is already fsynced on every ISR member.
 
+pub mod api;
 pub mod catchup;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod http;
 pub mod isr;
+pub mod metrics;
 pub mod pool;
 pub mod reads;
 pub mod registry;
+pub mod resp;
+pub mod resp_door;
 pub mod sequencer;
 pub mod server;
 pub mod state;
+pub mod watch;
 
 pub use config::Config;
 
@@ -53,7 +64,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch as signal, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 use walkv_shared::rpc::{Frontend, Registry};
@@ -96,11 +107,39 @@ impl fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
-/// Runs the frontend on already-bound listeners until `shutdown` resolves.
+/// The optional front doors, already bound by the caller (`None` = off).
+#[derive(Debug, Default)]
+pub struct Doors {
+    /// HTTP/JSON + WebSocket + metrics + status page listener.
+    pub http: Option<TcpListener>,
+    /// Redis-protocol listener.
+    pub resp: Option<TcpListener>,
+}
+
+/// Runs the frontend on already-bound listeners until `shutdown` resolves, without the
+/// HTTP and RESP doors.
 pub async fn run(
     config: Config,
     client_listener: TcpListener,
     storage_listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    run_with_doors(
+        config,
+        client_listener,
+        storage_listener,
+        Doors::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// Runs the frontend with the given extra doors until `shutdown` resolves.
+pub async fn run_with_doors(
+    config: Config,
+    client_listener: TcpListener,
+    storage_listener: TcpListener,
+    doors: Doors,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
     config
@@ -131,7 +170,7 @@ pub async fn run(
         );
     }
     let (write_tx, write_rx) = mpsc::channel(config.write_queue as usize);
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (shutdown_tx, shutdown_rx) = signal::channel(false);
     let cluster = Arc::new(Cluster::new(
         config,
         Membership::new(state),
@@ -145,6 +184,8 @@ pub async fn run(
         shutdown_rx.clone(),
     ));
     let control = tokio::spawn(control::run(cluster.clone(), shutdown_rx.clone()));
+    let (doors_stop_tx, doors_stop) = signal::channel(false);
+    let door_tasks = spawn_doors(&cluster, doors, doors_stop);
 
     let max_conns = cluster.config.max_connections as usize;
     let client_sem = Arc::new(Semaphore::new(max_conns));
@@ -191,6 +232,8 @@ pub async fn run(
     }
 
     info!("shutting down: no longer accepting connections");
+    let _ = doors_stop_tx.send(true);
+    stop_doors(door_tasks, cluster.config.shutdown_grace()).await;
     drop(client_listener);
     drop(storage_listener);
     let grace = cluster.config.shutdown_grace();
@@ -226,6 +269,34 @@ pub async fn run(
     }
     info!(epoch = %cluster.m().state.epoch, commit = %cluster.commit(), "frontend stopped");
     Ok(())
+}
+
+/// Starts the HTTP and RESP doors that were given; they stop when `stop` turns true.
+fn spawn_doors(cluster: &Arc<Cluster>, doors: Doors, stop: signal::Receiver<bool>) -> JoinSet<()> {
+    let mut tasks = JoinSet::new();
+    let stopped = move |mut rx: signal::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    if let Some(l) = doors.http {
+        let api = api::Api::new(cluster.clone(), "http");
+        tasks.spawn(http::serve(api, l, stopped(stop.clone())));
+    }
+    if let Some(l) = doors.resp {
+        let api = api::Api::new(cluster.clone(), "resp");
+        tasks.spawn(resp_door::serve(api, l, stopped(stop.clone())));
+    }
+    tasks
+}
+
+/// Gives the doors the grace period to finish open requests, then aborts them (open
+/// WebSocket watchers never finish on their own).
+async fn stop_doors(mut tasks: JoinSet<()>, grace: std::time::Duration) {
+    let drained =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
 }
 
 /// Accepts one connection once a connection slot is free. Accept errors (e.g. out of file

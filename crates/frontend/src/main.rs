@@ -1,7 +1,10 @@
 //! `frontend`: the walkv coordinator process.
 //!
 //! Clients connect to `--client-listen` (default 127.0.0.1:7000); storage nodes register at
-//! `--storage-listen` (default 127.0.0.1:7001). State (epoch, in-sync set, epoch table) lives
+//! `--storage-listen` (default 127.0.0.1:7001). The HTTP door (REST, WebSocket watch,
+//! `/metrics`, status page) listens on `--http-listen` (default 127.0.0.1:7080) and the
+//! Redis-protocol door on `--resp-listen` (default 127.0.0.1:6380); each is off when its
+//! address is empty or `http_enabled` / `resp_enabled` is false. State (epoch, in-sync set, epoch table) lives
 //! in `--data-dir` (default `data/frontend`), which is locked while the process runs.
 //!
 //! ```text
@@ -38,12 +41,12 @@ struct Args {
     /// Directory for state.json and the LOCK file [config: data_dir, default data/frontend].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// HTTP/WebSocket address [config: http_listen, default 127.0.0.1:7080]. Accepted and
-    /// stored for a later release; not bound yet.
+    /// HTTP/JSON, WebSocket watch, /metrics and status page address [config: http_listen,
+    /// default 127.0.0.1:7080]; an empty string turns the door off.
     #[arg(long, value_name = "ADDR")]
     http_listen: Option<String>,
-    /// RESP (redis protocol) address [config: resp_listen, default 127.0.0.1:6380].
-    /// Accepted and stored for a later release; not bound yet.
+    /// RESP (redis protocol and inline text) address [config: resp_listen, default
+    /// 127.0.0.1:6380]; an empty string turns the door off.
     #[arg(long, value_name = "ADDR")]
     resp_listen: Option<String>,
     /// DANGEROUS: if no member of the last in-sync set can be reached, take the most
@@ -63,7 +66,10 @@ fn load(args: &Args) -> Result<Config, String> {
     };
     let flag_addr = |flag: &str, v: &Option<String>, slot: &mut String| -> Result<(), String> {
         if let Some(v) = v {
-            parse_addr(flag, v)?;
+            // Only the door flags may be empty (door off); validate() checks that.
+            if !v.is_empty() {
+                parse_addr(flag, v)?;
+            }
             *slot = v.clone();
         }
         Ok(())
@@ -98,9 +104,22 @@ async fn start(config: Config) -> Result<(), String> {
     };
     let clients = bind("client_listen", config.client_listen.clone()).await?;
     let storage = bind("storage_listen", config.storage_listen.clone()).await?;
-    walkv_frontend::run(config, clients, storage, walkv_shared::shutdown::signal())
-        .await
-        .map_err(|e| e.to_string())
+    let mut doors = walkv_frontend::Doors::default();
+    if let Some(addr) = config.http_addr() {
+        doors.http = Some(bind("http_listen", addr.to_string()).await?);
+    }
+    if let Some(addr) = config.resp_addr() {
+        doors.resp = Some(bind("resp_listen", addr.to_string()).await?);
+    }
+    walkv_frontend::run_with_doors(
+        config,
+        clients,
+        storage,
+        doors,
+        walkv_shared::shutdown::signal(),
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {

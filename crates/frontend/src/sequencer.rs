@@ -12,7 +12,8 @@
 //! 5. if fewer than `min_insync` members acked (or every member failed), answers `Timeout`
 //!    (outcome unknown: the records may survive on a member) and enters recovery, which
 //!    bumps the epoch and re-establishes the truth;
-//! 6. otherwise advances the commit index and answers each write from the deterministic
+//! 6. otherwise publishes the batch's changes to the watch ring ([`crate::watch`], never
+//!    blocks), advances the commit index and answers each write from the deterministic
 //!    [`Outcome`] its record produced ([`outcome_result`]).
 //!
 //! Invariants: one batch in flight at a time; seqs are assigned without gaps and never
@@ -213,9 +214,15 @@ async fn replicate(cluster: &Cluster, batch: Vec<WriteJob>) {
         "commit index must only grow: {} -> {last}",
         cluster.commit()
     );
+    let outcomes = &acked[0].1;
+    // Published before the commit index moves, so a watcher woken by it finds the changes.
+    cluster.changes.publish(
+        first,
+        last,
+        crate::watch::changes_of(&req.records, outcomes),
+    );
     cluster.commit_tx.send_replace(last);
     debug!(first = %first, last = %last, "batch committed");
-    let outcomes = &acked[0].1;
     for (job, outcome) in batch.into_iter().zip(outcomes) {
         let _ = job.reply.send(outcome_result(outcome));
     }

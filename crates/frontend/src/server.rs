@@ -8,6 +8,7 @@
 //! its outcome is unknown and a retry with the same op number settles it).
 
 use crate::cluster::Cluster;
+use crate::metrics::METRICS;
 use crate::reads;
 use crate::sequencer::WriteJob;
 use std::sync::Arc;
@@ -16,8 +17,10 @@ use tarpc::context::Context;
 use tokio::sync::oneshot;
 use tracing::{info, instrument};
 use walkv_shared::rpc::Frontend;
-use walkv_shared::types::{ClusterStatus, KeyValue, Versioned, WriteOp, WriteRequest, WriteResult};
-use walkv_shared::{Epoch, KvError, NodeId};
+use walkv_shared::types::{
+    ClusterStatus, KeyValue, Versioned, WatchBatch, WriteOp, WriteRequest, WriteResult,
+};
+use walkv_shared::{Epoch, KvError, NodeId, Seq};
 
 /// Largest number of items one scan returns, so one reply stays bounded.
 pub const MAX_SCAN_LIMIT: u32 = 10_000;
@@ -26,12 +29,19 @@ pub const MAX_SCAN_LIMIT: u32 = 10_000;
 #[derive(Clone, Debug)]
 pub struct FrontendServer {
     cluster: Arc<Cluster>,
+    /// Which door the requests came through (`tarpc`, `http`, `resp`): a metrics label.
+    door: &'static str,
 }
 
 impl FrontendServer {
-    /// A server over the shared cluster handle.
+    /// A server over the shared cluster handle, for the tarpc door.
     pub fn new(cluster: Arc<Cluster>) -> FrontendServer {
-        FrontendServer { cluster }
+        Self::for_door(cluster, "tarpc")
+    }
+
+    /// A server for another door ([`crate::api`]); the same code path, another label.
+    pub fn for_door(cluster: Arc<Cluster>, door: &'static str) -> FrontendServer {
+        FrontendServer { cluster, door }
     }
 
     fn check_key(&self, key: &str) -> Result<(), KvError> {
@@ -75,12 +85,83 @@ impl Frontend for FrontendServer {
 
     #[instrument(level = "debug", skip(self, _ctx))]
     async fn get(self, _ctx: Context, client: String, key: String) -> Result<Versioned, KvError> {
-        self.check_key(&key)?;
-        reads::get(&self.cluster, key).await
+        let start = Instant::now();
+        let r = match self.check_key(&key) {
+            Ok(()) => reads::get(&self.cluster, key).await,
+            Err(e) => Err(e),
+        };
+        METRICS.observe(self.door, "get", &r, start);
+        r
     }
 
     #[instrument(level = "debug", skip(self, _ctx), fields(client = %req.client, op_no = req.op_no))]
     async fn write(self, _ctx: Context, req: WriteRequest) -> Result<WriteResult, KvError> {
+        let start = Instant::now();
+        let op = match req.op {
+            WriteOp::Put { .. } => "put",
+            WriteOp::Delete { .. } => "delete",
+            WriteOp::Cas { .. } => "cas",
+        };
+        let door = self.door;
+        let r = self.write_inner(req).await;
+        METRICS.observe(door, op, &r, start);
+        r
+    }
+
+    #[instrument(level = "debug", skip(self, _ctx))]
+    async fn scan(
+        self,
+        _ctx: Context,
+        client: String,
+        prefix: String,
+        limit: u32,
+    ) -> Result<Vec<KeyValue>, KvError> {
+        let start = Instant::now();
+        let door = self.door;
+        let r = self.scan_inner(prefix, limit).await;
+        METRICS.observe(door, "scan", &r, start);
+        r
+    }
+
+    async fn watch(
+        self,
+        _: Context,
+        prefix: String,
+        from: Seq,
+        max: u32,
+        wait_ms: u32,
+    ) -> Result<WatchBatch, KvError> {
+        if prefix.len() > self.cluster.config.max_key_bytes as usize {
+            return Err(KvError::TooLarge {
+                what: "prefix".into(),
+                limit: self.cluster.config.max_key_bytes.into(),
+            });
+        }
+        let wait = std::time::Duration::from_millis(wait_ms.into());
+        crate::watch::poll(&self.cluster, &prefix, from, max, wait).await
+    }
+
+    async fn status(self, _: Context) -> ClusterStatus {
+        self.cluster.m().status(
+            self.cluster.commit(),
+            self.cluster.config.min_insync,
+            Instant::now(),
+        )
+    }
+
+    async fn remove_node(self, _: Context, id: NodeId) -> Result<(), KvError> {
+        let _gate = self.cluster.gate.lock().await;
+        self.cluster.m().retire(&id)?;
+        self.cluster.pool.forget(&id);
+        self.cluster.persist().await?;
+        let isr = crate::isr::join_ids(self.cluster.m().state.isr.iter());
+        info!(node = %id, isr = %isr, "node retired with remove_node");
+        Ok(())
+    }
+}
+
+impl FrontendServer {
+    async fn write_inner(self, req: WriteRequest) -> Result<WriteResult, KvError> {
         self.check_write(&req.op)?;
         let deadline = Instant::now() + self.cluster.config.request_timeout();
         let (tx, rx) = oneshot::channel();
@@ -106,14 +187,7 @@ impl Frontend for FrontendServer {
         }
     }
 
-    #[instrument(level = "debug", skip(self, _ctx))]
-    async fn scan(
-        self,
-        _ctx: Context,
-        client: String,
-        prefix: String,
-        limit: u32,
-    ) -> Result<Vec<KeyValue>, KvError> {
+    async fn scan_inner(self, prefix: String, limit: u32) -> Result<Vec<KeyValue>, KvError> {
         let max = self.cluster.config.max_key_bytes;
         if prefix.len() > max as usize {
             return Err(KvError::TooLarge {
@@ -127,23 +201,5 @@ impl Frontend for FrontendServer {
             limit.min(MAX_SCAN_LIMIT)
         };
         reads::scan(&self.cluster, prefix, limit).await
-    }
-
-    async fn status(self, _: Context) -> ClusterStatus {
-        self.cluster.m().status(
-            self.cluster.commit(),
-            self.cluster.config.min_insync,
-            Instant::now(),
-        )
-    }
-
-    async fn remove_node(self, _: Context, id: NodeId) -> Result<(), KvError> {
-        let _gate = self.cluster.gate.lock().await;
-        self.cluster.m().retire(&id)?;
-        self.cluster.pool.forget(&id);
-        self.cluster.persist().await?;
-        let isr = crate::isr::join_ids(self.cluster.m().state.isr.iter());
-        info!(node = %id, isr = %isr, "node retired with remove_node");
-        Ok(())
     }
 }

@@ -51,6 +51,16 @@ pub enum KvError {
     Io(String),
     /// A broken invariant or an unexpected failure.
     Internal(String),
+    /// Watch history from `from` is gone (compacted into a snapshot at `snapshot_seq`);
+    /// resume from `current` (the commit index) and read the state with a scan.
+    Compacted {
+        /// The version asked for.
+        from: Seq,
+        /// The snapshot that covers it.
+        snapshot_seq: Seq,
+        /// The commit index to resume from.
+        current: Seq,
+    },
 }
 
 impl KvError {
@@ -74,6 +84,7 @@ impl KvError {
             KvError::Gap { .. } => "gap",
             KvError::Io(_) => "io",
             KvError::Internal(_) => "internal",
+            KvError::Compacted { .. } => "compacted",
         }
     }
 }
@@ -97,6 +108,15 @@ impl fmt::Display for KvError {
             KvError::Gap { expected } => write!(f, "log gap: node expected seq {expected} next"),
             KvError::Io(why) => write!(f, "disk error: {why}"),
             KvError::Internal(why) => write!(f, "internal error: {why}"),
+            KvError::Compacted {
+                from,
+                snapshot_seq,
+                current,
+            } => write!(
+                f,
+                "history from version {from} was compacted into a snapshot at seq {snapshot_seq}; \
+                 resume the watch from the current version {current} (scan to read the state)"
+            ),
         }
     }
 }

@@ -26,6 +26,15 @@ pub trait Frontend {
     async fn scan(client: String, prefix: String, limit: u32) -> Result<Vec<KeyValue>, KvError>;
     /// Cluster status.
     async fn status() -> ClusterStatus;
+    /// Long-poll watch: committed changes of keys starting with `prefix`, in commit order,
+    /// with `version >= from`, at most `max`. Waits up to `wait_ms` for a first change; an
+    /// empty answer is not an error. Resume with the answer's `next`.
+    async fn watch(
+        prefix: String,
+        from: Seq,
+        max: u32,
+        wait_ms: u32,
+    ) -> Result<WatchBatch, KvError>;
     /// Retires a node for good: it leaves the in-sync set and status, and may not register again.
     async fn remove_node(id: NodeId) -> Result<(), KvError>;
 }

@@ -237,3 +237,37 @@ pub struct ClusterStatus {
     /// Every known node, sorted by id.
     pub nodes: Vec<NodeStatus>,
 }
+
+/// What a committed change did to its key (watch feeds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeOp {
+    /// The key was set (a put, or a cas that matched).
+    Put,
+    /// The key was removed.
+    Delete,
+}
+
+/// One committed change, as watchers see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// The key.
+    pub key: String,
+    /// The new value; `None` for a delete.
+    pub value: Option<String>,
+    /// The seq the change committed at.
+    pub version: Seq,
+    /// Put or delete.
+    pub op: ChangeOp,
+}
+
+/// One answer of the `watch` long-poll.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchBatch {
+    /// Matching changes in commit order, all with `version >= from`.
+    pub changes: Vec<Change>,
+    /// The version to ask from next: every change below it has been delivered.
+    pub next: Seq,
+    /// The commit index when the answer was made.
+    pub commit_seq: Seq,
+}

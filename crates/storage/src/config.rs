@@ -25,6 +25,8 @@ pub struct Config {
     pub listen: String,
     /// Address the frontend should dial. Default: the same as `listen`.
     pub advertise: Option<String>,
+    /// Address of the Prometheus `GET /metrics` endpoint; empty = off. Default: empty.
+    pub metrics_listen: String,
     /// Shared secret every Storage/Registry call must carry. Default: `walkv-dev-token`.
     pub cluster_token: String,
     /// Records between snapshots (and WAL trims). Default: 100000.
@@ -60,6 +62,7 @@ impl Default for Config {
             data_dir: None,
             frontend: "127.0.0.1:7001".into(),
             listen: "127.0.0.1:7101".into(),
+            metrics_listen: String::new(),
             advertise: None,
             cluster_token: "walkv-dev-token".into(),
             snapshot_every: 100_000,
@@ -121,6 +124,10 @@ impl Config {
             ("listen", Some(&self.listen)),
             ("advertise", self.advertise.as_ref()),
             ("frontend", Some(&self.frontend)),
+            (
+                "metrics_listen",
+                Some(&self.metrics_listen).filter(|m| !m.is_empty()),
+            ),
         ] {
             if let Some(v) = value {
                 if v.parse::<SocketAddr>().is_err() {

@@ -13,6 +13,7 @@
 //! - [`snapshot`]: atomic JSON snapshots that bound WAL size and restart time.
 //! - [`server`]: `StorageServer`, the RPC adapter (token check, fencing via the writer).
 //! - [`registration`]: register + heartbeat loop against the frontend's `Registry`.
+//! - [`metrics`]: Prometheus metrics (fsync latency, batch sizes, WAL bytes, snapshots).
 //! - [`tools`]: the offline `storage wal verify|dump|bench` subcommands.
 //!
 //! # Lifecycle
@@ -24,6 +25,7 @@
 //! the node hits a disk error ([`RunError::Fatal`]) or the frontend refuses it.
 
 pub mod config;
+pub mod metrics;
 pub mod registration;
 pub mod server;
 pub mod snapshot;

@@ -30,6 +30,9 @@ struct Cli {
     /// Address the frontend should dial (default: --listen).
     #[arg(long)]
     advertise: Option<String>,
+    /// Prometheus `GET /metrics` address, ip:port (default: off) [config: metrics_listen].
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// Frontend's storage/registry address (default 127.0.0.1:7001).
     #[arg(long)]
     frontend: Option<String>,
@@ -108,6 +111,9 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
     if let Some(v) = &cli.frontend {
         config.frontend = v.clone();
     }
+    if let Some(v) = &cli.metrics_listen {
+        config.metrics_listen = v.clone();
+    }
     if let Some(v) = &cli.data_dir {
         config.data_dir = Some(v.clone());
     }
@@ -138,6 +144,19 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if !config.metrics_listen.is_empty() {
+        match tokio::net::TcpListener::bind(&config.metrics_listen).await {
+            // Not joined: the endpoint holds no state and ends with the process.
+            Ok(l) => drop(tokio::spawn(walkv_storage::metrics::serve(
+                l,
+                std::future::pending(),
+            ))),
+            Err(e) => {
+                tracing::error!(metrics_listen = %config.metrics_listen, "cannot listen: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
     match walkv_storage::run(config, listener, walkv_shared::shutdown::signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -407,6 +407,7 @@ impl Writer {
             codec::encode_batch(&a.records[a.first_new..], &mut buf);
         }
         if !buf.is_empty() {
+            let started = std::time::Instant::now();
             if let Err(e) = self.wal.append(&buf) {
                 self.state.fail(format!(
                     "cannot write or fsync {}: {e}",
@@ -420,6 +421,8 @@ impl Writer {
                 return;
             }
             self.state.wal_batches.fetch_add(1, Ordering::Relaxed);
+            let records = accepted.iter().map(|a| a.records.len() - a.first_new).sum();
+            crate::metrics::METRICS.group_commit(records, buf.len(), started.elapsed());
         }
         // Durable now: apply in order and reply.
         let mut replies = Vec::with_capacity(accepted.len());
@@ -630,6 +633,7 @@ fn write_snapshot(state: &NodeState, data: SnapshotData) {
     {
         Ok(()) => {
             state.store_mut().compacted(pos);
+            crate::metrics::METRICS.snapshots.inc();
             info!(seq = %pos.seq, keys, ms = started.elapsed().as_millis() as u64, "snapshot written, older WAL segments removed");
         }
         Err(e) => state.fail(format!(
