@@ -48,11 +48,28 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; another process could take it, but
-/// the kernel hands out ports round-robin so that is unlikely within a test).
+/// Ports this test process has handed out already. The kernel may give the same free
+/// port to two quick `bind(:0)` calls once the first listener is dropped, and two
+/// processes of one cluster must never be told the same port.
+static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// Most attempts at finding a port not handed out before.
+const FREE_PORT_ATTEMPTS: usize = 1000;
+
+/// A free TCP port on 127.0.0.1, never the same one twice in this test process (bound and
+/// released; another process could still take it, which is unlikely within a test).
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("bound socket has an address").port()
+    for _ in 0..FREE_PORT_ATTEMPTS {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().expect("bound socket has an address").port();
+        // A poisoned lock only means another test panicked; the list is still valid.
+        let mut seen = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if !seen.contains(&port) {
+            seen.push(port);
+            return port;
+        }
+    }
+    panic!("no fresh free port after {FREE_PORT_ATTEMPTS} attempts");
 }
 
 /// `127.0.0.1:<free port>`.
