@@ -80,6 +80,67 @@ pub enum Command {
     /// Administrative commands.
     #[command(subcommand)]
     Admin(Admin),
+    /// Load the cluster with concurrent clients and report ops/s and latency percentiles.
+    /// Progress goes to stderr once a second; `--json` prints one JSON object.
+    Bench(BenchArgs),
+}
+
+/// Flags of `client bench` (see `walkv_client::bench`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Concurrent clients, each with its own id and one request in flight.
+    #[arg(long, default_value_t = 1)]
+    pub clients: u32,
+    /// tarpc connections the clients share [default: min(clients, 16)].
+    #[arg(long)]
+    pub connections: Option<u32>,
+    /// Run for this many seconds [default: 10 unless --ops is given].
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Run this many operations in total instead of for a duration.
+    #[arg(long)]
+    pub ops: Option<u64>,
+    /// Bytes per written value.
+    #[arg(long, default_value_t = 100)]
+    pub value_size: u32,
+    /// Size of the key space (keys are drawn uniformly).
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: u64,
+    /// Fraction of operations that are gets (0.0 = all puts, 1.0 = all gets).
+    #[arg(long, default_value_t = 0.0)]
+    pub read_ratio: f64,
+    /// Write this many keys before the measured run.
+    #[arg(long, default_value_t = 0)]
+    pub preload: u64,
+}
+
+impl BenchArgs {
+    /// The library's options, validated.
+    pub fn to_opts(&self) -> Result<walkv_client::bench::BenchOpts, String> {
+        let duration = match self.duration {
+            Some(d) if !(d.is_finite() && d > 0.0 && d <= 86_400.0) => {
+                return Err(format!(
+                    "--duration: expected 0 < seconds <= 86400, got {d}"
+                ))
+            }
+            d => d.map(std::time::Duration::from_secs_f64),
+        };
+        let opts = walkv_client::bench::BenchOpts {
+            clients: self.clients,
+            connections: self
+                .connections
+                .unwrap_or_else(|| walkv_client::bench::default_connections(self.clients)),
+            duration,
+            ops: self.ops,
+            value_size: self.value_size,
+            keys: self.keys,
+            read_ratio: self.read_ratio,
+            preload: self.preload,
+            progress: true,
+        };
+        opts.validate()?;
+        Ok(opts)
+    }
 }
 
 /// Administrative commands.
@@ -222,6 +283,10 @@ pub async fn execute(client: &mut Client, command: Command, json: bool) -> i32 {
             from,
             count,
         } => watch(client, &prefix, from, count, json).await,
+        Command::Bench(_) => {
+            eprintln!("error: bench runs only as a command-line subcommand, not at the prompt");
+            return 2;
+        }
         Command::Admin(Admin::RemoveNode { id }) => client.remove_node(&id).await.map(|()| {
             if json {
                 println!("{}", json!({"removed": id}));
@@ -354,6 +419,32 @@ mod tests {
             Ok(Command::Cas { version: 3, .. })
         ));
         assert!(parse_line(&split_words("frobnicate").unwrap()).is_err());
+    }
+
+    #[test]
+    fn bench_flags_become_validated_options() {
+        let parse = |line: &str| match Args::try_parse_from(
+            ["client", "--id", "b", "bench"]
+                .into_iter()
+                .chain(line.split_whitespace()),
+        ) {
+            Ok(Args {
+                command: Some(Command::Bench(b)),
+                ..
+            }) => b.to_opts(),
+            other => panic!("not a bench command: {other:?}"),
+        };
+        let o = parse("--clients 64 --ops 1000 --read-ratio 0.5").unwrap();
+        assert_eq!((o.clients, o.connections, o.ops), (64, 16, Some(1000)));
+        assert_eq!(parse("--clients 2").unwrap().connections, 2);
+        assert!(parse("--duration 0").unwrap_err().contains("--duration"));
+        assert!(parse("--duration 1 --ops 5")
+            .unwrap_err()
+            .contains("not both"));
+        assert!(parse("--clients 0").unwrap_err().contains("--clients"));
+        assert!(parse("--read-ratio 2")
+            .unwrap_err()
+            .contains("--read-ratio"));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! walkv-client: the library every walkv client uses, and the `client` CLI built on it.
 //!
-//! A [`Client`] holds one tarpc connection to the frontend (`Frontend` service, default
-//! 127.0.0.1:7000). Every write carries the client id and an operation number; a write that
+//! A [`Client`] talks to the frontend (`Frontend` service, default 127.0.0.1:7000) over a
+//! [`Connection`]: its own by default, or one shared with other clients
+//! ([`Client::with_connection`]; tarpc multiplexes concurrent calls over one connection,
+//! which is how `client bench` runs many client ids over a few sockets). Every write carries the client id and an operation number; a write that
 //! fails with a retryable error (`Unavailable`, `Timeout`, lost connection) is retried with
 //! the **same** op number, with capped backoff, until `retry_deadline`. The frontend applies
 //! a `(client, op_no)` at most once, so a retry never applies a write twice.
@@ -20,6 +22,7 @@
 //! a connection lost mid-request), a write returns `KvError::Timeout`: it may or may not
 //! have committed. `Unavailable` means no attempt could have been applied.
 
+use std::sync::Arc;
 use std::time::Duration;
 use tarpc::client::Config as RpcConfig;
 use walkv_shared::rpc::FrontendClient;
@@ -29,6 +32,7 @@ use walkv_shared::types::{
 };
 use walkv_shared::{KvError, Seq};
 
+pub mod bench;
 pub mod config;
 
 pub use config::ClientConfig;
@@ -38,11 +42,60 @@ const RETRY_BACKOFF_START: Duration = Duration::from_millis(20);
 /// Cap on the retry delay, so a client notices a recovered cluster within a second.
 const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(1000);
 
-/// A connection to the frontend on behalf of one client id.
+/// A lazily made, shareable tarpc connection to the frontend. Cloning it shares the
+/// socket: every clone sees the same connection and the same reconnect after a failure.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    config: ClientConfig,
+    /// The live connection, if any. A tokio mutex because connecting awaits; it is held
+    /// only to read, make or clear the handle, never across a call.
+    rpc: Arc<tokio::sync::Mutex<Option<FrontendClient>>>,
+}
+
+impl Connection {
+    /// A connection to the frontend in `config`; nothing is dialled until first use.
+    pub fn new(config: ClientConfig) -> Connection {
+        Connection {
+            config,
+            rpc: Arc::new(tokio::sync::Mutex::new(None)),
+        }
+    }
+
+    /// The live connection, dialling it first if needed.
+    async fn get(&self) -> Result<FrontendClient, KvError> {
+        let mut slot = self.rpc.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let transport = connect(
+            &self.config.frontend,
+            self.config.connect_timeout(),
+            self.config.max_frame_bytes as usize,
+        )
+        .await
+        .map_err(|e| {
+            KvError::Unavailable(format!(
+                "cannot connect to frontend {}: {e}",
+                self.config.frontend
+            ))
+        })?;
+        // The detached dispatch task ends when the transport closes or every handle is dropped.
+        let client = FrontendClient::new(RpcConfig::default(), transport).spawn();
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Forgets the connection so the next call dials again (after a transport failure).
+    async fn reset(&self) {
+        *self.rpc.lock().await = None;
+    }
+}
+
+/// A client id talking to the frontend over a [`Connection`].
 pub struct Client {
     id: String,
     config: ClientConfig,
-    rpc: Option<FrontendClient>,
+    conn: Connection,
     last_op_no: u64,
 }
 
@@ -64,48 +117,32 @@ impl Client {
     /// on first use (and re-made after failures), so a client started while the frontend
     /// restarts simply retries; an unreachable frontend surfaces as `Unavailable`.
     pub async fn connect(id: impl Into<String>, config: ClientConfig) -> Result<Client, KvError> {
-        let id = id.into();
-        if id.is_empty() {
-            return Err(KvError::InvalidInput("client id must not be empty".into()));
-        }
-        let mut client = Client {
-            id,
-            config,
-            rpc: None,
-            last_op_no: unix_micros(),
-        };
+        let client = Client::with_connection(id, Connection::new(config))?;
         // A first attempt now reports a bad address early; failure is not fatal here.
-        if let Err(e) = client.rpc().await {
+        if let Err(e) = client.conn.get().await {
             tracing::debug!(error = %e, "frontend not reachable yet; will retry on first request");
         }
         Ok(client)
     }
 
+    /// Creates a client `id` over a connection that other clients may share. Each client
+    /// keeps its own op numbers, so exactly-once holds per id as with [`Client::connect`].
+    pub fn with_connection(id: impl Into<String>, conn: Connection) -> Result<Client, KvError> {
+        let id = id.into();
+        if id.is_empty() {
+            return Err(KvError::InvalidInput("client id must not be empty".into()));
+        }
+        Ok(Client {
+            id,
+            config: conn.config.clone(),
+            conn,
+            last_op_no: unix_micros(),
+        })
+    }
+
     /// The client id.
     pub fn id(&self) -> &str {
         &self.id
-    }
-
-    async fn rpc(&mut self) -> Result<FrontendClient, KvError> {
-        if let Some(c) = &self.rpc {
-            return Ok(c.clone());
-        }
-        let transport = connect(
-            &self.config.frontend,
-            self.config.connect_timeout(),
-            self.config.max_frame_bytes as usize,
-        )
-        .await
-        .map_err(|e| {
-            KvError::Unavailable(format!(
-                "cannot connect to frontend {}: {e}",
-                self.config.frontend
-            ))
-        })?;
-        // The detached dispatch task ends when the transport closes or the client is dropped.
-        let client = FrontendClient::new(RpcConfig::default(), transport).spawn();
-        self.rpc = Some(client.clone());
-        Ok(client)
     }
 
     fn next_op_no(&mut self) -> u64 {
@@ -124,13 +161,13 @@ impl Client {
         let mut backoff = RETRY_BACKOFF_START;
         let mut ambiguous = false;
         loop {
-            let result = match self.rpc().await {
+            let result = match self.conn.get().await {
                 Ok(rpc) => {
                     match call(rpc, context_with_timeout(self.config.request_timeout())).await {
                         Ok(inner) => inner,
                         Err(rpc_err) => {
                             // The connection may be broken: reconnect on the next attempt.
-                            self.rpc = None;
+                            self.conn.reset().await;
                             Err(KvError::from(rpc_err))
                         }
                     }
@@ -244,7 +281,7 @@ impl Client {
 
     /// The cluster's status (one attempt: status should show the present, not wait).
     pub async fn status(&mut self) -> Result<ClusterStatus, KvError> {
-        let rpc = self.rpc().await?;
+        let rpc = self.conn.get().await?;
         rpc.status(context_with_timeout(self.config.request_timeout()))
             .await
             .map_err(KvError::from)

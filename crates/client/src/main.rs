@@ -4,6 +4,7 @@
 //! ./client --id alice put colour red      # one command
 //! ./client --id alice                     # interactive prompt
 //! printf 'put a 1\nget a\n' | ./client --id alice   # commands from stdin
+//! ./client --id b bench --clients 64 --duration 10    # load test (see walkv_client::bench)
 //! ```
 //!
 //! Results go to stdout, diagnostics to stderr. Exit codes: 0 success, 1 key not found or
@@ -19,10 +20,18 @@ use walkv_client::{Client, ClientConfig};
 fn main() {
     walkv_shared::telemetry::init_with_default("warn");
     let args = cli::Args::parse();
-    let code = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // One thread is plenty for one command; the bench drives many clients, so it gets a
+    // worker per core for encoding and decoding.
+    let runtime = if matches!(args.command, Some(cli::Command::Bench(_))) {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let code = match runtime {
         Ok(rt) => rt.block_on(run(args)),
         Err(e) => {
             eprintln!("error: cannot start runtime: {e}");
@@ -64,6 +73,9 @@ async fn run(args: cli::Args) -> i32 {
             return 2;
         }
     };
+    if let Some(cli::Command::Bench(bench)) = &args.command {
+        return run_bench(config, bench, args.json).await;
+    }
     let mut client = match Client::connect(args.id.clone(), config).await {
         Ok(c) => c,
         Err(e) => {
@@ -74,6 +86,35 @@ async fn run(args: cli::Args) -> i32 {
     match args.command {
         Some(cmd) => cli::execute(&mut client, cmd, args.json).await,
         None => repl(&mut client, args.json).await,
+    }
+}
+
+/// Runs `client bench` and prints its report; exit 2 when any operation failed.
+async fn run_bench(config: ClientConfig, args: &cli::BenchArgs, json: bool) -> i32 {
+    let opts = match args.to_opts() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    match walkv_client::bench::run(config, opts.clone()).await {
+        Ok(report) => {
+            if json {
+                println!("{}", report.to_json(&opts));
+            } else {
+                println!("{}", report.to_text(&opts));
+            }
+            if report.error_count() == 0 {
+                0
+            } else {
+                2
+            }
+        }
+        Err(e) => {
+            eprintln!("error: bench: {e}");
+            2
+        }
     }
 }
 
