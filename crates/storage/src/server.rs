@@ -44,6 +44,9 @@ struct Inner {
     max_value_bytes: usize,
     /// A snapshot being received chunk by chunk (`install_snapshot`).
     install: tokio::sync::Mutex<Option<SnapshotData>>,
+    /// Where the last `snapshot_page` stopped: (snapshot seq, last key sent, file offset),
+    /// so the next page of the same transfer resumes there instead of re-reading the file.
+    page_cursor: std::sync::Mutex<Option<(Seq, String, u64)>>,
 }
 
 /// Limits the server enforces on incoming records.
@@ -68,6 +71,7 @@ impl StorageServer {
         limits: Limits,
     ) -> StorageServer {
         let inner = Inner {
+            page_cursor: std::sync::Mutex::new(None),
             id,
             instance,
             token,
@@ -121,6 +125,22 @@ impl StorageServer {
             });
         }
         Ok(())
+    }
+
+    fn cursor(&self) -> std::sync::MutexGuard<'_, Option<(Seq, String, u64)>> {
+        // Only a hint (a wrong offset costs time, never correctness): ignore poisoning.
+        self.inner
+            .page_cursor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The file offset to resume a snapshot transfer at, if the last page ended at `after`.
+    fn page_resume(&self, seq: Seq, after: Option<&str>) -> Option<u64> {
+        match (self.cursor().as_ref(), after) {
+            (Some((s, key, at)), Some(after)) if *s == seq && key == after => Some(*at),
+            _ => None,
+        }
     }
 
     fn value_of(op: &walkv_shared::Op) -> Option<&str> {
@@ -231,15 +251,19 @@ impl Storage for StorageServer {
         self.auth(&token)?;
         let dir = self.inner.state.dir.clone();
         let max = (max as usize).clamp(1, MAX_PAGE_ITEMS);
+        let resume = self.page_resume(snapshot_seq, after_key.as_deref());
         let page = tokio::task::spawn_blocking(move || {
             let path = dir.join(snapshot::snapshot_name(snapshot_seq));
-            snapshot::read_page(&path, after_key.as_deref(), max)
-                .map(|(h, items, done)| (h, items, done, after_key.is_none()))
+            snapshot::read_page_at(&path, after_key.as_deref(), max, resume)
+                .map(|(h, items, done, next)| (h, items, done, after_key.is_none(), next))
         })
         .await
         .map_err(|e| KvError::Internal(format!("snapshot page task failed: {e}")))?;
         match page {
-            Ok((h, items, done, first)) => {
+            Ok((h, items, done, first, next)) => {
+                if let Some(last) = items.last() {
+                    *self.cursor() = Some((snapshot_seq, last.key.clone(), next));
+                }
                 let clients = if first { h.clients } else { Vec::new() };
                 Ok(SnapshotPage {
                     seq: h.seq,

@@ -179,31 +179,58 @@ pub fn read_page(
     after_key: Option<&str>,
     max: usize,
 ) -> io::Result<(Header, Vec<KeyValue>, bool)> {
+    read_page_at(path, after_key, max, None).map(|(h, items, done, _)| (h, items, done))
+}
+
+/// [`read_page`] that starts reading key lines at byte `resume` (the offset the previous
+/// page returned) instead of the first key line, so paging through a snapshot of n keys
+/// reads the file once instead of O(n²/page) lines. Keys at or below `after_key` are still
+/// skipped, so a wrong offset can only cost time, never return a key twice. Returns the
+/// offset of the first line not consumed.
+pub fn read_page_at(
+    path: &Path,
+    after_key: Option<&str>,
+    max: usize,
+    resume: Option<u64>,
+) -> io::Result<(Header, Vec<KeyValue>, bool, u64)> {
+    use std::io::{Seek, SeekFrom};
     let bad = |e: String| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("{}: {e}", path.display()),
         )
     };
-    let mut lines = io::BufReader::new(std::fs::File::open(path)?).lines();
-    let header: Header = serde_json::from_str(&lines.next().ok_or_else(|| bad("empty".into()))??)
-        .map_err(|e| bad(e.to_string()))?;
+    let mut reader = io::BufReader::new(std::fs::File::open(path)?);
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Err(bad("empty".into()));
+    }
+    let header: Header = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
+    let mut offset = line.len() as u64;
+    if let Some(at) = resume.filter(|&at| at > offset) {
+        reader.seek(SeekFrom::Start(at))?;
+        offset = at;
+    }
     let mut items = Vec::new();
-    for line in lines {
-        let line = line?;
-        if line.starts_with("{\"type\":\"footer\"") {
-            return Ok((header, items, true));
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line)?;
+        if n == 0 || !line.ends_with('\n') {
+            return Err(bad("no footer".into()));
         }
+        if line.starts_with("{\"type\":\"footer\"") {
+            return Ok((header, items, true, offset));
+        }
+        if items.len() == max {
+            return Ok((header, items, false, offset));
+        }
+        offset += n as u64;
         let kv: KeyValue = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
         if after_key.is_some_and(|a| kv.key.as_str() <= a) {
             continue;
         }
-        if items.len() == max {
-            return Ok((header, items, false));
-        }
         items.push(kv);
     }
-    Err(bad("no footer".into()))
 }
 
 #[cfg(test)]
@@ -247,5 +274,21 @@ mod tests {
             }
         }
         assert_eq!(seen, s.snapshot_data().items);
+
+        // Resuming at the returned offset gives the same pages; a stale offset (from the
+        // start) still skips what was already sent.
+        let (mut after, mut at, mut resumed) = (None::<String>, None, Vec::new());
+        loop {
+            let (_, items, done, next) = read_page_at(&path, after.as_deref(), 7, at).unwrap();
+            after = items.last().map(|kv| kv.key.clone()).or(after);
+            at = Some(next);
+            resumed.extend(items);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(resumed, seen);
+        let (_, from_start, _, _) = read_page_at(&path, Some("k010"), 3, Some(0)).unwrap();
+        assert_eq!(from_start[0].key, "k011");
     }
 }
