@@ -35,10 +35,7 @@ impl Default for ClientConfig {
 impl ClientConfig {
     /// Reads and validates a TOML file; errors name the file, the key and the expectation.
     pub fn load(path: &Path) -> Result<ClientConfig, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-        let config: ClientConfig =
-            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let config: ClientConfig = walkv_shared::config::read_toml(path).map_err(|e| e.0)?;
         config
             .validate()
             .map_err(|e| format!("{}: {e}", path.display()))?;

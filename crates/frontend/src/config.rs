@@ -12,7 +12,6 @@
 //! - listen addresses parse as `ip:port`.
 
 use serde::{Deserialize, Serialize};
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use walkv_shared::transport::parse_addr;
@@ -110,27 +109,12 @@ impl Default for Config {
     }
 }
 
-/// A refused configuration: which file, which key, what was expected.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError(pub String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ConfigError {}
+pub use walkv_shared::config::ConfigError;
 
 impl Config {
     /// Reads and validates `path`. Unknown keys and wrong types are refused.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError(format!("{}: cannot read config file: {e}", path.display()))
-        })?;
-        let config: Config = toml::from_str(&text).map_err(|e| {
-            ConfigError(format!("{}: {}", path.display(), e.to_string().trim_end()))
-        })?;
+        let config: Config = walkv_shared::config::read_toml(path)?;
         config
             .validate()
             .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))?;

@@ -15,6 +15,7 @@
 //! - [`shutdown`]: the SIGINT/SIGTERM future every `main` passes to `run`.
 #![warn(missing_docs)]
 
+pub mod config;
 pub mod error;
 pub mod record;
 pub mod rpc;

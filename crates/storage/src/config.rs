@@ -80,25 +80,12 @@ impl Default for Config {
     }
 }
 
-/// A config that could not be loaded or is invalid; the message names file, key and expectation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError(pub String);
-
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ConfigError {}
+pub use walkv_shared::config::ConfigError;
 
 impl Config {
     /// Reads and parses `path` (no validation: flags may still override fields).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError(format!("{}: cannot read config file: {e}", path.display()))
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+        walkv_shared::config::read_toml(path)
     }
 
     /// Checks every value; `source` names where the config came from (file path or "defaults").
