@@ -21,6 +21,11 @@ use std::process::ExitCode;
 use walkv_frontend::Config;
 use walkv_shared::transport::parse_addr;
 
+/// mimalloc instead of glibc malloc: the request paths allocate many small, short-lived
+/// buffers (JSON frames, keys, values) and glibc's malloc/free showed up at ~16% of CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Default config path; when it does not exist, built-in defaults apply.
 const DEFAULT_CONFIG: &str = "config/frontend.toml";
 

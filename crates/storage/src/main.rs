@@ -11,6 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use walkv_storage::{tools, Config};
 
+/// mimalloc instead of glibc malloc: the request paths allocate many small, short-lived
+/// buffers (JSON frames, keys, values) and glibc's malloc/free showed up at ~16% of CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Default config file; silently skipped when absent (an explicit `--config` must exist).
 const DEFAULT_CONFIG: &str = "config/storage.toml";
 
