@@ -67,6 +67,8 @@ pub struct Config {
     pub max_connections: u32,
     /// On shutdown, how long in-flight requests may take before they are aborted. Default 2000.
     pub shutdown_grace_ms: u64,
+    /// Async runtime worker threads; 0 = one per core. Default 0.
+    pub worker_threads: u32,
     /// NEGATIVE CONTROL, NEVER IN PRODUCTION: serve reads from any registered node
     /// (catching-up and stale ones included) without waiting for the commit index. This
     /// breaks linearizability on purpose so the chaos harness can prove its checker catches
@@ -103,6 +105,7 @@ impl Default for Config {
             max_value_bytes: 1_048_576,
             max_connections: 1024,
             shutdown_grace_ms: 2000,
+            worker_threads: 0,
             unsafe_read_any_node: false,
             unsafe_recover: false,
         }

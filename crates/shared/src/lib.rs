@@ -13,12 +13,14 @@
 //! - [`transport`]: connect/listen helpers with explicit frame limits and deadlines.
 //! - [`telemetry`]: the tracing subscriber every `main` installs.
 //! - [`shutdown`]: the SIGINT/SIGTERM future every `main` passes to `run`.
+//! - [`runtime`]: the tokio runtime every server `main` builds (`worker_threads`).
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod error;
 pub mod record;
 pub mod rpc;
+pub mod runtime;
 pub mod shutdown;
 pub mod telemetry;
 pub mod transport;

@@ -47,6 +47,9 @@ pub struct Config {
     pub max_connections: u32,
     /// How long shutdown waits for in-flight requests, in ms. Default: 2000.
     pub shutdown_grace_ms: u64,
+    /// Async runtime worker threads (the WAL writer has its own thread); 0 = one per core.
+    /// Default: 0.
+    pub worker_threads: u32,
     /// fsync every WAL batch. Default: true. `false` exists only for negative-control
     /// tests: acknowledged writes can then be lost on power failure.
     pub fsync: bool,
@@ -73,6 +76,7 @@ impl Default for Config {
             max_value_bytes: 1024 * 1024,
             max_frame_bytes: 8 * 1024 * 1024,
             max_connections: 256,
+            worker_threads: 0,
             shutdown_grace_ms: 2000,
             fsync: true,
             discard_corrupt_tail: false,

@@ -127,13 +127,17 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
     Ok(config)
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     walkv_shared::telemetry::init();
-    match &cli.command {
-        Some(Command::Wal(cmd)) => return wal_tool(cmd).await,
-        None => {}
+    if let Some(Command::Wal(cmd)) = &cli.command {
+        return match walkv_shared::runtime::build(0) {
+            Ok(r) => r.block_on(wal_tool(cmd)),
+            Err(e) => {
+                eprintln!("error: cannot start the async runtime: {e}");
+                ExitCode::from(1)
+            }
+        };
     }
     let config = match load_config(&cli) {
         Ok(c) => c,
@@ -142,6 +146,16 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    match walkv_shared::runtime::build(config.worker_threads) {
+        Ok(r) => r.block_on(serve(config)),
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(&config.listen).await {
         Ok(l) => l,
         Err(e) => {
