@@ -409,7 +409,7 @@ async fn copy_page(
                     AppendRequest {
                         epoch,
                         commit_seq: commit,
-                        records,
+                        records: records.into(),
                     },
                 )
                 .await?;

@@ -1,5 +1,6 @@
 //! The shared handle every frontend task holds: configuration, the membership state
-//! machine, the write gate, the commit index, the connection pool and the state file.
+//! machine, the write gate, the commit index, the connection pool, the read batcher and
+//! the state file.
 //!
 //! Locking rules:
 //! - `membership` is a `std::sync::Mutex`, held only for short synchronous steps, never
@@ -13,6 +14,7 @@
 use crate::config::Config;
 use crate::isr::{join_ids, IsrChange, Membership};
 use crate::pool::Pool;
+use crate::read_batch::ReadBatcher;
 use crate::sequencer::WriteJob;
 use crate::state::StateFile;
 use crate::watch::ChangeLog;
@@ -33,7 +35,9 @@ pub struct Cluster {
     /// Highest committed seq.
     pub commit_tx: watch::Sender<Seq>,
     /// Connections to storage nodes.
-    pub pool: Pool,
+    pub pool: Arc<Pool>,
+    /// Per-node queues that batch concurrent reads (see [`crate::read_batch`]).
+    pub reads: Arc<ReadBatcher>,
     /// Queue in front of the sequencer.
     pub writes: mpsc::Sender<WriteJob>,
     /// Recently committed changes for watchers (published by the sequencer).
@@ -49,13 +53,17 @@ impl Cluster {
         state_file: StateFile,
         writes: mpsc::Sender<WriteJob>,
     ) -> Cluster {
-        let pool = Pool::new(config.cluster_token.clone(), config.rpc_timeout());
+        let pool = Arc::new(Pool::new(
+            config.cluster_token.clone(),
+            config.rpc_timeout(),
+        ));
         Cluster {
             config,
             membership: std::sync::Mutex::new(membership),
             gate: tokio::sync::Mutex::new(()),
             commit_tx: watch::channel(Seq(0)).0,
             pool,
+            reads: Arc::default(),
             writes,
             changes: ChangeLog::default(),
             state_file: Arc::new(state_file),

@@ -15,7 +15,7 @@
 //! - [`pool`]: one `StorageClient` per node; deadlines, reconnects, error mapping.
 //! - [`cluster`]: the handle shared by all tasks (membership, write gate, commit index).
 //! - [`sequencer`]: the write path.
-//! - [`reads`]: linearizable reads.
+//! - [`reads`]: linearizable reads; [`read_batch`]: concurrent reads of a node share one call.
 //! - [`registry`]: the `Registry` service and the failure detector.
 //! - [`control`]: the loop driving recovery, failure detection and catch-up.
 //! - [`server`]: `FrontendServer`, the client-facing service.
@@ -41,6 +41,7 @@ pub mod http;
 pub mod isr;
 pub mod metrics;
 pub mod pool;
+pub mod read_batch;
 pub mod reads;
 pub mod registry;
 pub mod resp;

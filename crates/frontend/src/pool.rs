@@ -240,6 +240,19 @@ impl Pool {
         .await
     }
 
+    /// `read_many`, bounded by the RPC timeout: a prefix of `keys`' answers, in order.
+    pub async fn read_many(
+        &self,
+        id: &NodeId,
+        keys: Vec<String>,
+        min_seq: Seq,
+    ) -> Result<Vec<ReadReply>, KvError> {
+        self.call(id, self.timeout, |c, ctx, t| async move {
+            c.read_many(ctx, t, keys, min_seq).await
+        })
+        .await
+    }
+
     /// `scan`, bounded by `deadline` as well as the RPC timeout.
     pub async fn scan(
         &self,

@@ -1,7 +1,8 @@
 //! Linearizable reads.
 //!
 //! A read goes to an ISR member (round robin) with `min_seq = commit index`, so the node
-//! first applies every write that completed before the read began. The node's answer may
+//! first applies every write that completed before the read began. Concurrent reads of one
+//! node share a `read_many` call ([`crate::read_batch`]). The node's answer may
 //! reflect a newer, not yet committed record (a batch in flight): its `last_touch` (for a
 //! scan, the node's `applied` seq) tells, and the frontend answers only once the commit
 //! index reaches it. Catching-up nodes are never asked.
@@ -18,6 +19,10 @@ use walkv_shared::{KvError, NodeId, Seq};
 
 /// Waits until the commit index reaches `seq`, or the deadline.
 async fn wait_commit(cluster: &Cluster, seq: Seq, deadline: Instant) -> Result<(), KvError> {
+    // The common case, without subscribing to the commit index.
+    if cluster.commit() >= seq {
+        return Ok(());
+    }
     let mut rx = cluster.commit_tx.subscribe();
     let waited = tokio::time::timeout_at(deadline.into(), rx.wait_for(|c| *c >= seq))
         .await
@@ -53,7 +58,10 @@ pub async fn get(cluster: &Cluster, key: String) -> Result<Versioned, KvError> {
     let commit = cluster.commit();
     let mut last_err = None;
     for id in members(cluster)? {
-        match cluster.pool.read(&id, key.clone(), commit, deadline).await {
+        let read = cluster
+            .reads
+            .read(&cluster.pool, &id, key.clone(), commit, deadline);
+        match read.await {
             Ok(reply) => {
                 wait_commit(cluster, reply.last_touch, deadline).await?;
                 return reply.value.ok_or(KvError::NotFound);

@@ -153,7 +153,7 @@ async fn replicate(cluster: &Cluster, batch: Vec<WriteJob>) {
     let req = AppendRequest {
         epoch,
         commit_seq: cluster.commit(),
-        records,
+        records: records.into(),
     };
     let n = req.records.len();
     let calls = targets.iter().map(|id| {

@@ -8,7 +8,7 @@
 
 use futures::StreamExt;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tarpc::context::Context;
@@ -117,7 +117,13 @@ struct Fake {
     data: Arc<Mutex<Data>>,
     failing: Arc<AtomicBool>,
     silent: Arc<AtomicBool>,
+    /// `read_many` calls answered.
+    read_many_calls: Arc<AtomicUsize>,
 }
+
+/// Most keys the fake answers per `read_many` (a real node stops at a byte budget), so the
+/// frontend's re-asking for the rest is exercised.
+const FAKE_READ_MANY_MAX: usize = 5;
 
 impl Fake {
     fn check(&self, token: &str) -> Result<(), KvError> {
@@ -182,7 +188,7 @@ impl Storage for Fake {
         self.fence(&mut d, req.epoch)?;
         let mut st = d.state();
         let mut outs = Vec::new();
-        for r in req.records {
+        for r in req.records.into_vec() {
             if r.seq <= d.pos().seq {
                 outs.push(Outcome::Written { version: r.seq });
                 continue;
@@ -221,6 +227,20 @@ impl Storage for Fake {
             value,
             last_touch: st.touched.get(&key).copied().unwrap_or_default(),
         })
+    }
+    async fn read_many(
+        self,
+        ctx: Context,
+        token: String,
+        keys: Vec<String>,
+        min_seq: Seq,
+    ) -> Result<Vec<ReadReply>, KvError> {
+        self.read_many_calls.fetch_add(1, Ordering::SeqCst);
+        let mut replies = Vec::new();
+        for key in keys.into_iter().take(FAKE_READ_MANY_MAX) {
+            replies.push(self.clone().read(ctx, token.clone(), key, min_seq).await?);
+        }
+        Ok(replies)
     }
     async fn scan(
         self,
@@ -397,6 +417,7 @@ async fn start_fake(name: &str, registry: String, data: Arc<Mutex<Data>>) -> Fak
         data,
         failing: Arc::new(AtomicBool::new(false)),
         silent: Arc::new(AtomicBool::new(false)),
+        read_many_calls: Arc::default(),
     };
     let server = fake.clone();
     tokio::spawn(async move {
@@ -662,6 +683,48 @@ async fn operations_replicate_to_every_node() {
     );
     let st = fe.status().await;
     assert_eq!(st.commit_seq, a.contents().0.seq);
+    fe.stop().await;
+}
+
+/// Concurrent reads share `read_many` calls, every read gets its own key's answer, and a
+/// node answering only part of a batch is asked again for the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reads_are_batched_and_each_gets_its_own_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let fe = start_frontend(config(dir.path())).await;
+    let a = start_fake("a", fe.registry.clone(), Default::default()).await;
+    fe.wait_in_sync(1).await;
+    const KEYS: u64 = 40;
+    for i in 0..KEYS {
+        fe.put("w", i + 1, &format!("k{i}"), &format!("v{i}"))
+            .await
+            .unwrap();
+    }
+    const READS: usize = 400;
+    let reads = (0..READS).map(|i| {
+        let client = fe.client.clone();
+        async move {
+            let key = format!("k{}", i as u64 % (KEYS + 1));
+            (
+                key.clone(),
+                client.get(ctx(), "r".into(), key).await.unwrap(),
+            )
+        }
+    });
+    let answers = futures::future::join_all(reads).await;
+    for (key, answer) in answers {
+        match key.strip_prefix('k').unwrap().parse::<u64>().unwrap() {
+            KEYS => assert_eq!(answer, Err(KvError::NotFound), "{key}"),
+            i => assert_eq!(answer.unwrap().value, format!("v{i}"), "{key}"),
+        }
+    }
+    let calls = a.read_many_calls.load(Ordering::SeqCst);
+    // Unbatched, 400 reads would take 400 calls; with at most 5 answers per call, batching
+    // cannot go below 80.
+    assert!(
+        (READS / FAKE_READ_MANY_MAX..READS / 2).contains(&calls),
+        "{calls} read_many calls for {READS} concurrent reads"
+    );
     fe.stop().await;
 }
 

@@ -12,6 +12,7 @@ use crate::error::KvError;
 use crate::record::Record;
 use crate::types::*;
 use serde::{Deserialize, Serialize};
+use std::sync::{Arc, OnceLock};
 
 /// Client → frontend.
 #[tarpc::service]
@@ -60,6 +61,14 @@ pub trait Storage {
     async fn append(token: String, req: AppendRequest) -> Result<Vec<Outcome>, KvError>;
     /// Reads a key once the node has applied at least `min_seq`.
     async fn read(token: String, key: String, min_seq: Seq) -> Result<ReadReply, KvError>;
+    /// Reads several keys at one state, once the node has applied at least `min_seq`. The
+    /// answer is a non-empty prefix of `keys`, in order: it stops early once its values
+    /// pass [`READ_MANY_MAX_BYTES`], and the caller asks again for the rest.
+    async fn read_many(
+        token: String,
+        keys: Vec<String>,
+        min_seq: Seq,
+    ) -> Result<Vec<ReadReply>, KvError>;
     /// Scans a prefix once the node has applied at least `min_seq`.
     async fn scan(
         token: String,
@@ -148,6 +157,10 @@ pub struct NodeIdentity {
     pub pos: LogPosition,
 }
 
+/// Value bytes after which a `read_many` answer stops (it always answers at least one
+/// key), keeping its frame well below the storage nodes' default 8 MiB limit.
+pub const READ_MANY_MAX_BYTES: usize = 2 << 20;
+
 /// A batch of records to append.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AppendRequest {
@@ -156,7 +169,78 @@ pub struct AppendRequest {
     /// The frontend's commit index, so the node can forget delete tombstones below it.
     pub commit_seq: Seq,
     /// Consecutive records.
-    pub records: Vec<Record>,
+    pub records: RecordBatch,
+}
+
+/// Records of one append, shared by every node it is sent to and serialised at most once.
+///
+/// The sequencer sends the same batch to each in-sync node; cloning this is two reference
+/// counts, and the first transport to send it caches its JSON, which the others copy
+/// verbatim. On the wire it is exactly a JSON array of records.
+#[derive(Clone)]
+pub struct RecordBatch(Arc<SharedRecords>);
+
+struct SharedRecords {
+    records: Vec<Record>,
+    json: OnceLock<Box<serde_json::value::RawValue>>,
+}
+
+impl RecordBatch {
+    /// The records, owned: free when this is the only handle (as on a receiving node).
+    pub fn into_vec(self) -> Vec<Record> {
+        match Arc::try_unwrap(self.0) {
+            Ok(shared) => shared.records,
+            Err(shared) => shared.records.clone(),
+        }
+    }
+}
+
+impl From<Vec<Record>> for RecordBatch {
+    fn from(records: Vec<Record>) -> Self {
+        RecordBatch(Arc::new(SharedRecords {
+            records,
+            json: OnceLock::new(),
+        }))
+    }
+}
+
+impl std::ops::Deref for RecordBatch {
+    type Target = [Record];
+    fn deref(&self) -> &[Record] {
+        &self.0.records
+    }
+}
+
+impl std::fmt::Debug for RecordBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.records.fmt(f)
+    }
+}
+
+impl PartialEq for RecordBatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.records == other.0.records
+    }
+}
+
+impl Serialize for RecordBatch {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let json = match self.0.json.get() {
+            Some(json) => json,
+            None => {
+                let json = serde_json::value::to_raw_value(&self.0.records)
+                    .map_err(serde::ser::Error::custom)?;
+                self.0.json.get_or_init(|| json)
+            }
+        };
+        json.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for RecordBatch {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Vec::<Record>::deserialize(deserializer).map(RecordBatch::from)
+    }
 }
 
 /// The answer to a read.
@@ -245,4 +329,44 @@ pub struct Digest {
     pub keys: u64,
     /// Hash over every (key, value, version) in key order and the exactly-once table.
     pub hash: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records() -> Vec<Record> {
+        (1..=3)
+            .map(|i| Record {
+                seq: Seq(i),
+                epoch: Epoch(2),
+                client: format!("c\"{i}"),
+                op_no: i,
+                op: WriteOp::Put {
+                    key: format!("k{i} ü"),
+                    value: "v\n\t".repeat(i as usize),
+                },
+            })
+            .collect()
+    }
+
+    /// A shared batch is, on the wire, exactly the array of its records, however many
+    /// times (and from however many handles) it is sent; and it decodes back.
+    #[test]
+    fn record_batch_serialises_once_as_a_plain_array() {
+        let plain = serde_json::to_vec(&records()).unwrap();
+        let batch = RecordBatch::from(records());
+        let copy = batch.clone();
+        assert_eq!(serde_json::to_vec(&batch).unwrap(), plain);
+        assert!(
+            copy.0.json.get().is_some(),
+            "the clone sees the cached JSON"
+        );
+        assert_eq!(serde_json::to_vec(&copy).unwrap(), plain);
+        let back: RecordBatch = serde_json::from_slice(&plain).unwrap();
+        assert_eq!(back, batch);
+        assert_eq!(back.into_vec(), records());
+        drop(batch);
+        assert_eq!(copy.into_vec(), records(), "last handle gives its records");
+    }
 }

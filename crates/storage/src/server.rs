@@ -16,7 +16,7 @@ use tarpc::context::Context;
 use tracing::{debug, instrument, warn};
 use walkv_shared::rpc::{
     AppendRequest, Digest, FetchReply, NodeIdentity, ReadReply, ScanReply, SnapshotChunk,
-    SnapshotPage, Storage,
+    SnapshotPage, Storage, READ_MANY_MAX_BYTES,
 };
 use walkv_shared::types::LogPosition;
 use walkv_shared::types::Outcome;
@@ -172,13 +172,13 @@ impl Storage for StorageServer {
         req: AppendRequest,
     ) -> Result<Vec<Outcome>, KvError> {
         self.auth(&token)?;
-        for r in &req.records {
+        for r in req.records.iter() {
             self.check_sizes(r.op.key(), Self::value_of(&r.op))?;
         }
         debug!("append");
         self.inner
             .writer
-            .append(req.epoch, req.commit_seq, req.records)
+            .append(req.epoch, req.commit_seq, req.records.into_vec())
             .await
     }
 
@@ -193,6 +193,29 @@ impl Storage for StorageServer {
         self.wait_applied(min_seq).await?;
         let (value, last_touch) = self.inner.state.store().get(&key);
         Ok(ReadReply { value, last_touch })
+    }
+
+    async fn read_many(
+        self,
+        _: Context,
+        token: String,
+        keys: Vec<String>,
+        min_seq: Seq,
+    ) -> Result<Vec<ReadReply>, KvError> {
+        self.auth(&token)?;
+        self.wait_applied(min_seq).await?;
+        let store = self.inner.state.store();
+        let mut replies = Vec::with_capacity(keys.len());
+        let mut bytes = 0;
+        for key in &keys {
+            if bytes >= READ_MANY_MAX_BYTES {
+                break;
+            }
+            let (value, last_touch) = store.get(key);
+            bytes += key.len() + value.as_ref().map_or(0, |v| v.value.len());
+            replies.push(ReadReply { value, last_touch });
+        }
+        Ok(replies)
     }
 
     async fn scan(

@@ -84,7 +84,7 @@ async fn append(
         AppendRequest {
             epoch: Epoch(1),
             commit_seq: Seq(0),
-            records,
+            records: records.into(),
         },
     )
     .await

@@ -124,7 +124,7 @@ pub async fn append(client: &StorageClient, records: Vec<Record>) -> Result<Vec<
     let req = AppendRequest {
         epoch: Epoch(1),
         commit_seq: Seq(0),
-        records,
+        records: records.into(),
     };
     client
         .append(context_with_timeout(RPC_TIMEOUT), TOKEN.into(), req)
