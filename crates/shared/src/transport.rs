@@ -6,144 +6,19 @@
 //! byte through `io::Read` (the slice parser was 1.2–2.7× faster on our messages). Every
 //! connection sets `max_frame_length` explicitly (tarpc's example uses `usize::MAX`) and
 //! every connect has a timeout.
-//!
-//! Writes are coalesced ([`CoalescingStream`]): a flush first yields once to the runtime, so
-//! the other answers and requests that are ready on this connection join the same write.
-//! One `writev` per message was the largest single cost of a loaded frontend.
 
-use std::future::Future;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::task::{ready, Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant, SystemTime};
 use tarpc::serde_transport::Transport;
 use tarpc::tokio_serde::{Deserializer, Serializer};
 use tarpc::tokio_util::bytes::{Bytes, BytesMut};
 use tarpc::tokio_util::codec::LengthDelimitedCodec;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// A tarpc transport over TCP with JSON frames.
-pub type JsonTransport<In, Out> = Transport<CoalescingStream, In, Out, SliceJson<In, Out>>;
-
-/// A TCP stream whose writes wait one scheduler turn before going out.
-///
-/// tarpc flushes as soon as no further message is ready *at that instant*; under load the
-/// task that answers the next request is usually runnable but has not run yet, so every
-/// message cost a syscall (and, on loopback, the peer's receive path too). Before each
-/// write this stream yields once: the runtime first runs every other ready task, then
-/// wakes the writer, and the write carries whatever was buffered meanwhile. A lone
-/// message is delayed by one scheduler turn (microseconds); nothing is reordered and no
-/// timer is involved. Reads pass straight through.
-#[derive(Debug)]
-pub struct CoalescingStream<S = TcpStream> {
-    inner: S,
-    /// Set while a write waits for its scheduler turn.
-    turn: Option<Arc<Turn>>,
-}
-
-/// The waker handed to the deferred wake-up: it records that the turn came, so a wake for
-/// another reason (say, one more answer queued) does not end the wait early.
-#[derive(Debug)]
-struct Turn {
-    came: AtomicBool,
-    task: Waker,
-}
-
-impl Wake for Turn {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.came.store(true, Ordering::Release);
-        self.task.wake_by_ref();
-    }
-}
-
-impl<S> CoalescingStream<S> {
-    /// Wraps `inner`.
-    pub fn new(inner: S) -> CoalescingStream<S> {
-        CoalescingStream { inner, turn: None }
-    }
-
-    /// `Ready` once this write's scheduler turn came; until then `Pending`.
-    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        match &self.turn {
-            Some(turn) if turn.came.load(Ordering::Acquire) => Poll::Ready(()),
-            Some(_) => Poll::Pending,
-            None => {
-                let turn = Arc::new(Turn {
-                    came: AtomicBool::new(false),
-                    task: cx.waker().clone(),
-                });
-                let waker = Waker::from(turn.clone());
-                // tokio's yield_now defers the wake until the worker has run the other ready
-                // tasks; one poll registers it, and it fires although the future is dropped.
-                let yielded = std::pin::pin!(tokio::task::yield_now());
-                let _ = yielded.poll(&mut Context::from_waker(&waker));
-                self.turn = Some(turn);
-                Poll::Pending
-            }
-        }
-    }
-
-    fn wrote<T>(&mut self, r: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
-        if r.is_ready() {
-            self.turn = None;
-        }
-        r
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for CoalescingStream<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for CoalescingStream<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        ready!(this.poll_turn(cx));
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.wrote(r)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        ready!(this.poll_turn(cx));
-        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.wrote(r)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
+pub type JsonTransport<In, Out> = Transport<TcpStream, In, Out, SliceJson<In, Out>>;
 
 /// The JSON frame codec: the same wire format as tokio-serde's `Json`, decoded from the
 /// frame's bytes in one pass.
@@ -195,7 +70,7 @@ where
     let _ = stream.set_nodelay(true);
     let framed = LengthDelimitedCodec::builder()
         .max_frame_length(max_frame)
-        .new_framed(CoalescingStream::new(stream));
+        .new_framed(stream);
     tarpc::serde_transport::new(framed, SliceJson::default())
 }
 
@@ -265,61 +140,6 @@ mod tests {
             }]
             .into(),
         }
-    }
-
-    /// An `AsyncWrite` that records each write call.
-    #[derive(Default)]
-    struct Writes(Vec<Vec<u8>>);
-
-    impl AsyncWrite for Writes {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            self.get_mut().0.push(buf.to_vec());
-            Poll::Ready(Ok(buf.len()))
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    /// Sends `i..5` one per task, each task spawning the next after its send, so a writer
-    /// woken by one message runs before the next message exists.
-    fn send_chain(tx: futures::channel::mpsc::UnboundedSender<Bytes>, i: u8) {
-        if i < 5 {
-            tokio::spawn(async move {
-                tx.unbounded_send(Bytes::from(vec![i])).unwrap();
-                send_chain(tx, i + 1);
-            });
-        }
-    }
-
-    /// A writer fed like tarpc's (send what is ready, flush when nothing is) writes the
-    /// messages that become ready within one scheduler turn together, in order. Without the
-    /// yield, the chain below makes one write per message.
-    #[tokio::test(flavor = "current_thread")]
-    async fn messages_ready_in_the_same_turn_share_one_write() {
-        use futures::StreamExt;
-        use tarpc::tokio_util::codec::{FramedWrite, LengthDelimitedCodec};
-        let (tx, rx) = futures::channel::mpsc::unbounded::<Bytes>();
-        let writer = tokio::spawn(async move {
-            let mut sink = FramedWrite::new(
-                CoalescingStream::new(Writes::default()),
-                LengthDelimitedCodec::new(),
-            );
-            rx.map(Ok).forward(&mut sink).await.unwrap();
-            sink.into_inner().inner.0
-        });
-        send_chain(tx, 0);
-        let writes = writer.await.unwrap();
-        let expected: Vec<u8> = (0u8..5).flat_map(|i| [0, 0, 0, 1, i]).collect();
-        assert_eq!(writes.concat(), expected, "every message, in order");
-        assert_eq!(writes.len(), 1, "5 messages ready in one turn: {writes:?}");
     }
 
     /// The wire format must stay exactly tokio-serde's `Json`, so old and new processes
