@@ -18,14 +18,18 @@
 //!   snapshot with a suffix of the WAL that still overlaps or continues it.
 //! - A file without a matching footer is never used. `*.tmp` leftovers are removed at start.
 //! - Encoding and decoding are pure functions; only [`write()`] and [`read()`] touch disk.
+//! - Writing never holds the whole file in memory: the writer takes a [`SnapshotData`] in
+//!   O(1) (its maps share nodes with the store, see [`crate::store`]) and the snapshot
+//!   thread streams it out line by line.
 
-use crate::store::SnapshotData;
-use crate::wal::file::{list_named, sync_dir, write_atomic};
+use crate::store::{ClientMap, SnapshotData, Text, TombstoneMap};
+use crate::wal::file::{list_named, sync_dir, write_atomic_with};
 use serde::{Deserialize, Serialize};
-use std::io::{self, BufRead};
+use std::borrow::Cow;
+use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 use walkv_shared::rpc::ClientEntry;
-use walkv_shared::types::{KeyValue, LogPosition};
+use walkv_shared::types::{KeyValue, LogPosition, Outcome};
 use walkv_shared::{Epoch, Seq};
 
 /// First line of a snapshot file.
@@ -70,29 +74,109 @@ pub fn list(dir: &Path) -> io::Result<Vec<(Seq, PathBuf)>> {
     list_named(dir, parse_snapshot_name)
 }
 
-/// Encodes a snapshot (pure).
+/// Encodes a snapshot into memory (pure; tests and small snapshots).
 pub fn encode(data: &SnapshotData) -> Vec<u8> {
-    let header = Header {
+    let mut out = Vec::new();
+    // Writing into a Vec cannot fail.
+    encode_to(data, &mut out).expect("encoding into memory cannot fail");
+    out
+}
+
+/// Streams the encoding of `data` into `out`, one line at a time, straight from the
+/// shared maps: no copy of the keys is made, so the snapshot thread needs no more memory
+/// than one line, and the writer never waits for it.
+pub fn encode_to(data: &SnapshotData, out: &mut impl Write) -> io::Result<()> {
+    let (mut line, mut crc) = (Vec::new(), 0);
+    let header = HeaderOut {
+        kind: "header",
         seq: data.pos.seq,
         epoch: data.pos.epoch,
         keys: data.items.len() as u64,
-        clients: data.clients.clone(),
-        tombstones: data.tombstones.clone(),
+        clients: Lines(&data.clients),
+        tombstones: Lines(&data.tombstones),
     };
-    // Serialising plain structs of strings and integers cannot fail.
-    let mut out = serde_json::to_vec(&header).expect("header serialises");
-    out.push(b'\n');
-    for kv in &data.items {
-        serde_json::to_writer(&mut out, kv).expect("item serialises");
-        out.push(b'\n');
+    serde_json::to_writer(&mut line, &header)?;
+    put_line(&mut line, &mut crc, out)?;
+    for (key, (value, version)) in &data.items {
+        let kv = KeyValueRef {
+            key,
+            value,
+            version: *version,
+        };
+        serde_json::to_writer(&mut line, &kv)?;
+        put_line(&mut line, &mut crc, out)?;
     }
     let footer = Footer {
         items: data.items.len() as u64,
-        crc: crc32c::crc32c(&out),
+        crc,
     };
-    serde_json::to_writer(&mut out, &footer).expect("footer serialises");
-    out.push(b'\n');
-    out
+    serde_json::to_writer(&mut line, &footer)?;
+    line.push(b'\n');
+    out.write_all(&line)
+}
+
+/// Ends `line`, adds it to the running CRC and writes it out; leaves `line` empty.
+fn put_line(line: &mut Vec<u8>, crc: &mut u32, out: &mut impl Write) -> io::Result<()> {
+    line.push(b'\n');
+    *crc = crc32c::crc32c_append(*crc, line);
+    out.write_all(line)?;
+    line.clear();
+    Ok(())
+}
+
+/// [`Header`] as written: the same fields in the same order, borrowing the tables.
+#[derive(Serialize)]
+struct HeaderOut<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    seq: Seq,
+    epoch: Epoch,
+    keys: u64,
+    clients: Lines<'a, ClientMap>,
+    tombstones: Lines<'a, TombstoneMap>,
+}
+
+/// A `KeyValue` line as written, borrowing the key and value from the map.
+#[derive(Serialize)]
+struct KeyValueRef<'a> {
+    key: &'a str,
+    value: &'a str,
+    version: Seq,
+}
+
+/// A `KeyValue` line as read: borrows from the file's bytes unless a string has escapes.
+#[derive(Deserialize)]
+struct KeyValueIn<'a> {
+    #[serde(borrow)]
+    key: Cow<'a, str>,
+    #[serde(borrow)]
+    value: Cow<'a, str>,
+    version: Seq,
+}
+
+/// A shared table serialised as a JSON array, in key order, without copying it.
+struct Lines<'a, M>(&'a M);
+
+impl Serialize for Lines<'_, ClientMap> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Entry<'a> {
+            client: &'a str,
+            op_no: u64,
+            outcome: &'a Outcome,
+        }
+        s.collect_seq(self.0.iter().map(|(client, (op_no, outcome))| Entry {
+            client,
+            op_no: *op_no,
+            outcome,
+        }))
+    }
+}
+
+impl Serialize for Lines<'_, TombstoneMap> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|(key, seq)| (&**key, *seq)))
+    }
 }
 
 /// Decodes and verifies a snapshot (pure).
@@ -119,33 +203,45 @@ pub fn decode(bytes: &[u8]) -> Result<SnapshotData, String> {
         .filter(|l| !l.is_empty());
     let header: Header = serde_json::from_slice(lines.next().ok_or("no header line")?)
         .map_err(|e| format!("bad header: {e}"))?;
-    let items = lines
-        .map(serde_json::from_slice::<KeyValue>)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("bad item: {e}"))?;
-    if items.len() as u64 != footer.items || header.keys != footer.items {
-        return Err(format!(
-            "footer says {} items, header {}, found {}",
-            footer.items,
-            header.keys,
-            items.len()
-        ));
-    }
-    Ok(SnapshotData {
+    let mut data = SnapshotData {
         pos: LogPosition {
             epoch: header.epoch,
             seq: header.seq,
         },
-        items,
-        clients: header.clients,
-        tombstones: header.tombstones,
-    })
+        ..SnapshotData::default()
+    };
+    let mut found = 0u64;
+    for line in lines {
+        let kv: KeyValueIn<'_> =
+            serde_json::from_slice(line).map_err(|e| format!("bad item: {e}"))?;
+        data.insert_item(&kv.key, &kv.value, kv.version);
+        found += 1;
+    }
+    // A repeated key would collapse in the map: count lines and keys both.
+    if found != footer.items || header.keys != footer.items || data.items.len() as u64 != found {
+        return Err(format!(
+            "footer says {} items, header {}, found {found} lines with {} distinct keys",
+            footer.items,
+            header.keys,
+            data.items.len()
+        ));
+    }
+    header
+        .clients
+        .into_iter()
+        .for_each(|c| data.insert_client(c));
+    data.tombstones = header
+        .tombstones
+        .into_iter()
+        .map(|(key, seq)| (Text::from(key), seq))
+        .collect();
+    Ok(data)
 }
 
-/// Writes a snapshot atomically and returns its path.
+/// Writes a snapshot atomically, streaming it from the shared maps, and returns its path.
 pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<PathBuf> {
     let name = snapshot_name(data.pos.seq);
-    write_atomic(dir, &name, &encode(data))?;
+    write_atomic_with(dir, &name, |out| encode_to(data, out))?;
     Ok(dir.join(name))
 }
 
@@ -236,8 +332,9 @@ pub fn read_page_at(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::put;
+    use crate::store::tests::{put, rec};
     use crate::store::Store;
+    use walkv_shared::types::WriteOp;
 
     #[test]
     fn round_trip_and_corruption() {
@@ -254,6 +351,55 @@ mod tests {
         assert!(decode(&bytes[..bytes.len() - 3]).is_err());
     }
 
+    /// The file format is a contract with older nodes and with `jq`: these exact bytes
+    /// were written by the encoder before it streamed from shared maps.
+    #[test]
+    fn format_is_unchanged() {
+        let golden = concat!(
+            r#"{"type":"header","seq":5,"epoch":1,"keys":2,"clients":[{"client":"c1","op_no":1,"outcome":{"outcome":"written","version":1}},{"client":"c2","op_no":1,"outcome":{"outcome":"written","version":2}},{"client":"c3","op_no":1,"outcome":{"outcome":"written","version":3}},{"client":"carol","op_no":10,"outcome":{"outcome":"version_mismatch","current":2}}],"tombstones":[["gone",4]]}"#,
+            "\n",
+            r#"{"key":"a","value":"é ✓","version":2}"#,
+            "\n",
+            r#"{"key":"b","value":"two \"quoted\"\nline","version":1}"#,
+            "\n",
+            r#"{"type":"footer","items":2,"crc":1096819748}"#,
+            "\n",
+        );
+        let mut s = Store::new();
+        s.apply(&put(1, "b", "two \"quoted\"\nline"));
+        s.apply(&put(2, "a", "é ✓"));
+        s.apply(&put(3, "gone", "x"));
+        s.apply(&rec(4, "carol", 9, WriteOp::Delete { key: "gone".into() }));
+        let cas = WriteOp::Cas {
+            key: "a".into(),
+            expected: Seq(1),
+            value: "no".into(),
+        };
+        s.apply(&rec(5, "carol", 10, cas));
+        let data = s.snapshot_data();
+        assert_eq!(String::from_utf8(encode(&data)).unwrap(), golden);
+        assert_eq!(decode(golden.as_bytes()).unwrap(), data);
+    }
+
+    #[test]
+    fn a_repeated_key_is_refused_even_with_a_valid_checksum() {
+        let mut s = Store::new();
+        s.apply(&put(1, "a", "1"));
+        s.apply(&put(2, "b", "2"));
+        let text = String::from_utf8(encode(&s.snapshot_data())).unwrap();
+        let body: String = text
+            .lines()
+            .take(3)
+            .map(|l| format!("{}\n", l.replace(r#""key":"b""#, r#""key":"a""#)))
+            .collect();
+        let footer = format!(
+            "{{\"type\":\"footer\",\"items\":2,\"crc\":{}}}\n",
+            crc32c::crc32c(body.as_bytes())
+        );
+        let e = decode(format!("{body}{footer}").as_bytes()).unwrap_err();
+        assert!(e.contains("distinct"), "{e}");
+    }
+
     #[test]
     fn pages_cover_every_key_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -262,6 +408,7 @@ mod tests {
             s.apply(&put(i, &format!("k{i:03}"), "v"));
         }
         let path = write(dir.path(), &s.snapshot_data()).unwrap();
+        assert_eq!(read(&path).unwrap(), s.snapshot_data());
         let mut after: Option<String> = None;
         let mut seen = Vec::new();
         loop {
@@ -273,7 +420,7 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(seen, s.snapshot_data().items);
+        assert_eq!(seen, s.scan("", usize::MAX));
 
         // Resuming at the returned offset gives the same pages; a stale offset (from the
         // start) still skips what was already sent.

@@ -5,9 +5,22 @@
 //! exactly the state it had, and every replica computes the same [`Outcome`] for the same
 //! log (see docs/DESIGN.md, "Records and state machine").
 //!
+//! # Representation
+//!
+//! The key map, the exactly-once table and the tombstones are persistent ordered maps
+//! (`imbl::OrdMap`: a B+tree whose nodes are reference counted). Cloning one is O(1): the
+//! clone shares every node, and a later write copies only the nodes on its own path. So
+//! [`Store::snapshot_data`] costs the writer three reference counts, whatever the number
+//! of keys, and the snapshot thread serialises that frozen view while writes go on.
+//! Keys, values and client ids are [`Text`] (`Arc<str>`): no spare capacity, and a copied
+//! node clones them by bumping a count instead of copying the bytes.
+//!
 //! Invariants:
 //! - `pos.seq` is the seq of the last applied record; `apply` asserts that each record is
 //!   exactly `pos.seq + 1` (the WAL checks this too, before writing and after reading).
+//! - A [`SnapshotData`] from `snapshot_data` is the state after exactly its `pos` and never
+//!   changes afterwards: later writes copy the nodes they touch instead of mutating shared
+//!   ones.
 //! - `tail` holds every record after `snapshot_pos.seq`, in order, with the outcome it had,
 //!   so `fetch` can serve catch-up without touching disk; older records answer
 //!   `SnapshotNeeded`.
@@ -17,7 +30,9 @@
 //!
 //! No IO happens here.
 
-use std::collections::{BTreeMap, VecDeque};
+use imbl::OrdMap;
+use std::collections::VecDeque;
+use std::sync::Arc;
 use walkv_shared::rpc::{ClientEntry, Digest, FetchReply};
 use walkv_shared::types::{KeyValue, LogPosition, Outcome, Versioned, WriteOp};
 use walkv_shared::{Record, Seq};
@@ -36,25 +51,62 @@ pub fn record_bytes(r: &Record) -> usize {
         }
 }
 
-/// A full copy of the state at one log position, as written to and read from a snapshot.
+/// An immutable, shared string: a stored key, value or client id.
+pub type Text = Arc<str>;
+
+/// Every key with its value and the seq of the write that produced it, in key order.
+pub type KeyMap = OrdMap<Text, (Text, Seq)>;
+
+/// The exactly-once table: client id to its last op number and that op's outcome.
+pub type ClientMap = OrdMap<Text, (u64, Outcome)>;
+
+/// Delete tombstones not yet known to be committed: key to the seq of the delete.
+pub type TombstoneMap = OrdMap<Text, Seq>;
+
+/// The whole state at one log position, as written to and read from a snapshot. Its maps
+/// share structure with the store it was taken from, so it is cheap to take and to clone.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SnapshotData {
     /// The last record the snapshot covers.
     pub pos: LogPosition,
-    /// Every key in key order.
-    pub items: Vec<KeyValue>,
+    /// Every key, in key order.
+    pub items: KeyMap,
     /// The exactly-once table.
-    pub clients: Vec<ClientEntry>,
-    /// Delete tombstones not yet known to be committed: (key, seq of the delete).
-    pub tombstones: Vec<(String, Seq)>,
+    pub clients: ClientMap,
+    /// Delete tombstones not yet known to be committed.
+    pub tombstones: TombstoneMap,
+}
+
+impl SnapshotData {
+    /// Adds one key (snapshot loading and `install_snapshot`).
+    pub fn insert_item(&mut self, key: &str, value: &str, version: Seq) {
+        self.items.insert(key.into(), (value.into(), version));
+    }
+
+    /// Adds one entry of the exactly-once table.
+    pub fn insert_client(&mut self, c: ClientEntry) {
+        self.clients
+            .insert(c.client.as_str().into(), (c.op_no, c.outcome));
+    }
+
+    /// The exactly-once table as sent over the wire, in client order.
+    pub fn client_entries(&self) -> impl Iterator<Item = ClientEntry> + '_ {
+        self.clients
+            .iter()
+            .map(|(c, (op_no, outcome))| ClientEntry {
+                client: c.to_string(),
+                op_no: *op_no,
+                outcome: outcome.clone(),
+            })
+    }
 }
 
 /// The key-value map plus everything `apply` needs to be deterministic.
 #[derive(Debug, Default)]
 pub struct Store {
-    map: BTreeMap<String, (String, Seq)>,
-    clients: BTreeMap<String, (u64, Outcome)>,
-    tombstones: BTreeMap<String, Seq>,
+    map: KeyMap,
+    clients: ClientMap,
+    tombstones: TombstoneMap,
     pos: LogPosition,
     snapshot_pos: LogPosition,
     tail: VecDeque<(Record, Outcome)>,
@@ -66,20 +118,12 @@ impl Store {
         Store::default()
     }
 
-    /// A store holding exactly the state of a snapshot.
+    /// A store holding exactly the state of a snapshot (O(1): the maps are shared).
     pub fn from_snapshot(data: SnapshotData) -> Store {
         Store {
-            map: data
-                .items
-                .into_iter()
-                .map(|kv| (kv.key, (kv.value, kv.version)))
-                .collect(),
-            clients: data
-                .clients
-                .into_iter()
-                .map(|c| (c.client, (c.op_no, c.outcome)))
-                .collect(),
-            tombstones: data.tombstones.into_iter().collect(),
+            map: data.items,
+            clients: data.clients,
+            tombstones: data.tombstones,
             pos: data.pos,
             snapshot_pos: data.pos,
             tail: VecDeque::new(),
@@ -93,13 +137,19 @@ impl Store {
             self.pos.seq.next(),
             "records must be applied in seq order without gaps"
         );
-        let outcome = match self.clients.get(&r.client) {
+        let outcome = match self.clients.get(r.client.as_str()) {
             Some((last, outcome)) if r.op_no == *last => outcome.clone(),
             Some((last, _)) if r.op_no < *last => Outcome::StaleOp { last_op_no: *last },
             _ => {
                 let outcome = self.evaluate(r);
-                self.clients
-                    .insert(r.client.clone(), (r.op_no, outcome.clone()));
+                let entry = (r.op_no, outcome.clone());
+                // Known clients keep their id's allocation; only a new client makes one.
+                match self.clients.get_mut(r.client.as_str()) {
+                    Some(slot) => *slot = entry,
+                    None => {
+                        self.clients.insert(r.client.as_str().into(), entry);
+                    }
+                }
                 outcome
             }
         };
@@ -114,13 +164,13 @@ impl Store {
     fn evaluate(&mut self, r: &Record) -> Outcome {
         match &r.op {
             WriteOp::Put { key, value } => {
-                self.map.insert(key.clone(), (value.clone(), r.seq));
+                self.set(key, value, r.seq);
                 Outcome::Written { version: r.seq }
             }
-            WriteOp::Delete { key } => match self.map.remove(key) {
+            WriteOp::Delete { key } => match self.map.remove_with_key(key.as_str()) {
                 None => Outcome::NotFound,
-                Some(_) => {
-                    self.tombstones.insert(key.clone(), r.seq);
+                Some((key, _)) => {
+                    self.tombstones.insert(key, r.seq);
                     Outcome::Written { version: r.seq }
                 }
             },
@@ -129,13 +179,28 @@ impl Store {
                 expected,
                 value,
             } => {
-                let current = self.map.get(key).map(|(_, v)| *v).unwrap_or_default();
+                let current = self
+                    .map
+                    .get(key.as_str())
+                    .map(|(_, v)| *v)
+                    .unwrap_or_default();
                 if current != *expected {
                     Outcome::VersionMismatch { current }
                 } else {
-                    self.map.insert(key.clone(), (value.clone(), r.seq));
+                    self.set(key, value, r.seq);
                     Outcome::Written { version: r.seq }
                 }
+            }
+        }
+    }
+
+    /// Sets `key` to `value`; an existing key keeps its allocation.
+    fn set(&mut self, key: &str, value: &str, seq: Seq) {
+        let entry = (Text::from(value), seq);
+        match self.map.get_mut(key) {
+            Some(slot) => *slot = entry,
+            None => {
+                self.map.insert(key.into(), entry);
             }
         }
     }
@@ -148,7 +213,7 @@ impl Store {
                 return self.tail[(r.seq.0 - first.0.seq.0) as usize].1.clone();
             }
         }
-        match self.clients.get(&r.client) {
+        match self.clients.get(r.client.as_str()) {
             Some((last, outcome)) if *last == r.op_no => outcome.clone(),
             Some((last, _)) => Outcome::StaleOp { last_op_no: *last },
             None => Outcome::StaleOp { last_op_no: 0 },
@@ -157,7 +222,16 @@ impl Store {
 
     /// Forgets tombstones at or below the frontend's commit index.
     pub fn forget_tombstones(&mut self, commit: Seq) {
-        self.tombstones.retain(|_, seq| *seq > commit);
+        // OrdMap has no `retain`; the table is small (deletes not yet committed).
+        let committed: Vec<Text> = self
+            .tombstones
+            .iter()
+            .filter(|(_, seq)| **seq <= commit)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in committed {
+            self.tombstones.remove(&key);
+        }
     }
 
     /// The value of `key` and the seq of the newest record known to have touched it.
@@ -165,7 +239,7 @@ impl Store {
         match self.map.get(key) {
             Some((value, version)) => (
                 Some(Versioned {
-                    value: value.clone(),
+                    value: value.to_string(),
                     version: *version,
                 }),
                 *version,
@@ -176,13 +250,14 @@ impl Store {
 
     /// Keys starting with `prefix`, in order, at most `limit`.
     pub fn scan(&self, prefix: &str, limit: usize) -> Vec<KeyValue> {
+        use std::ops::Bound;
         self.map
-            .range(prefix.to_string()..)
+            .range::<_, str>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
             .take(limit)
             .map(|(k, (v, ver))| KeyValue {
-                key: k.clone(),
-                value: v.clone(),
+                key: k.to_string(),
+                value: v.to_string(),
                 version: *ver,
             })
             .collect()
@@ -226,29 +301,15 @@ impl Store {
         self.snapshot_pos = pos;
     }
 
-    /// A copy of the whole state at the current position (taken for a snapshot).
+    /// The whole state at the current position, for a snapshot: O(1), whatever the number
+    /// of keys, because the maps are shared, not copied (see the module docs).
     pub fn snapshot_data(&self) -> SnapshotData {
         SnapshotData {
             pos: self.pos,
-            items: self.scan("", usize::MAX),
-            clients: self.client_entries(),
-            tombstones: self
-                .tombstones
-                .iter()
-                .map(|(k, s)| (k.clone(), *s))
-                .collect(),
+            items: self.map.clone(),
+            clients: self.clients.clone(),
+            tombstones: self.tombstones.clone(),
         }
-    }
-
-    fn client_entries(&self) -> Vec<ClientEntry> {
-        self.clients
-            .iter()
-            .map(|(c, (op_no, outcome))| ClientEntry {
-                client: c.clone(),
-                op_no: *op_no,
-                outcome: outcome.clone(),
-            })
-            .collect()
     }
 
     /// Position of the last applied record.
@@ -430,6 +491,92 @@ pub(crate) mod tests {
             s.outcome_of(&w(2, 5, "retry")),
             Outcome::Written { version: Seq(1) }
         );
+    }
+
+    /// A mix of puts, deletes, cas and retries over few keys and clients, so later
+    /// records overwrite, delete and re-create keys that earlier views hold.
+    fn mixed(seq: u64) -> Record {
+        let key = format!("k{:04}", seq * 7919 % 700);
+        let op = match seq % 5 {
+            0 => WriteOp::Delete { key },
+            1 => WriteOp::Cas {
+                key,
+                expected: Seq(seq * 31 % 7),
+                value: format!("cas{seq}"),
+            },
+            _ => WriteOp::Put {
+                key,
+                value: format!("v{seq}"),
+            },
+        };
+        // Every 11th record re-sends the client's previous op number (a retry).
+        let op_no = seq / 13 + 1 - u64::from(seq.is_multiple_of(11) && seq > 13);
+        rec(seq, &format!("c{}", seq % 13), op_no, op)
+    }
+
+    fn apply_mixed(s: &mut Store, seq: u64) {
+        s.apply(&mixed(seq));
+        s.forget_tombstones(Seq(seq.saturating_sub(40)));
+    }
+
+    #[test]
+    fn snapshot_data_is_exactly_the_state_at_its_position() {
+        let mut live = Store::new();
+        let mut views = Vec::new();
+        for seq in 1..=4000 {
+            apply_mixed(&mut live, seq);
+            if seq % 700 == 0 {
+                let view = live.snapshot_data();
+                let bytes = crate::snapshot::encode(&view);
+                views.push((view, bytes));
+            }
+        }
+        assert!(live.len() > 300, "the maps must span many B-tree nodes");
+        for (view, bytes) in views {
+            let mut replay = Store::new();
+            (1..=view.pos.seq.0).for_each(|seq| apply_mixed(&mut replay, seq));
+            assert_eq!(view.pos, replay.pos());
+            assert_eq!(
+                view,
+                replay.snapshot_data(),
+                "writes after seq {} leaked into its snapshot",
+                view.pos.seq
+            );
+            assert_eq!(
+                crate::snapshot::encode(&view),
+                bytes,
+                "the view changed after it was taken"
+            );
+            assert_eq!(Store::from_snapshot(view).digest(), replay.digest());
+        }
+    }
+
+    #[test]
+    fn writes_after_a_snapshot_do_not_reach_it() {
+        let mut s = Store::new();
+        s.apply(&put(1, "a", "1"));
+        s.apply(&put(2, "b", "2"));
+        s.apply(&rec(3, "d", 1, WriteOp::Delete { key: "b".into() }));
+        let view = s.snapshot_data();
+        s.apply(&put(4, "a", "changed"));
+        s.apply(&put(5, "c", "new"));
+        s.apply(&rec(6, "d", 2, WriteOp::Delete { key: "a".into() }));
+        s.forget_tombstones(Seq(6));
+        assert_eq!(view.pos.seq, Seq(3));
+        let items: Vec<_> = view
+            .items
+            .iter()
+            .map(|(k, (v, ver))| (k.to_string(), v.to_string(), *ver))
+            .collect();
+        assert_eq!(items, vec![("a".into(), "1".into(), Seq(1))]);
+        assert_eq!(view.tombstones.get("b"), Some(&Seq(3)));
+        assert_eq!(view.clients.len(), 3, "c4 and c5 came later");
+        assert_eq!(
+            view.clients.get("d"),
+            Some(&(1, Outcome::Written { version: Seq(3) }))
+        );
+        assert_eq!(s.get("a"), (None, Seq(0)));
+        assert_eq!(s.len(), 1);
     }
 
     #[test]

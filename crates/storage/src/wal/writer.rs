@@ -759,6 +759,13 @@ mod tests {
         w.truncate(Epoch(1), Seq(35)).await.unwrap();
         let snaps = snapshot::list(dir.path()).unwrap();
         assert_eq!(snaps.len(), 1, "older snapshots removed: {snaps:?}");
+        // The snapshot was written while appends went on: it must hold exactly its prefix.
+        let written = snapshot::read(&snaps[0].1).unwrap();
+        let mut prefix = Store::new();
+        for i in 1..=written.pos.seq.0 {
+            prefix.apply(&put(i, &format!("k{}", i % 4), &format!("v{i}")));
+        }
+        assert_eq!(written, prefix.snapshot_data());
         assert!(file::list_segments(dir.path())
             .unwrap()
             .iter()
