@@ -18,9 +18,10 @@
 //!   snapshot with a suffix of the WAL that still overlaps or continues it.
 //! - A file without a matching footer is never used. `*.tmp` leftovers are removed at start.
 //! - Encoding and decoding are pure functions; only [`write()`] and [`read()`] touch disk.
-//! - Writing never holds the whole file in memory: the writer takes a [`SnapshotData`] in
-//!   O(1) (its maps share nodes with the store, see [`crate::store`]) and the snapshot
-//!   thread streams it out line by line.
+//! - Neither holds a whole file in memory. The writer takes a [`SnapshotData`] in O(1) (its
+//!   maps share nodes with the store, see [`crate::store`]) and the snapshot thread streams
+//!   it out line by line; reading parses line by line into the maps, and returns nothing
+//!   unless the footer's count and checksum match.
 
 use crate::store::{ClientMap, SnapshotData, Text, TombstoneMap};
 use crate::wal::file::{list_named, sync_dir, write_atomic_with};
@@ -31,6 +32,12 @@ use std::path::{Path, PathBuf};
 use walkv_shared::rpc::ClientEntry;
 use walkv_shared::types::{KeyValue, LogPosition, Outcome};
 use walkv_shared::{Epoch, Seq};
+
+/// Start of the footer line; a key line starts with `{"key"`, so it cannot be mistaken.
+const FOOTER_PREFIX: &[u8] = b"{\"type\":\"footer\"";
+
+/// Bytes read from a snapshot file at a time.
+const READ_BUFFER_BYTES: usize = 1 << 20;
 
 /// First line of a snapshot file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,44 +186,66 @@ impl Serialize for Lines<'_, TombstoneMap> {
     }
 }
 
-/// Decodes and verifies a snapshot (pure).
+/// Decodes and verifies a snapshot held in memory (pure).
 pub fn decode(bytes: &[u8]) -> Result<SnapshotData, String> {
-    let body_end = bytes
-        .len()
-        .checked_sub(1)
-        .and_then(|end| bytes[..end].iter().rposition(|&b| b == b'\n'))
-        .map(|i| i + 1);
-    let Some(body_end) = body_end else {
-        return Err("no footer line".into());
+    decode_from(bytes)
+}
+
+/// Decodes and verifies a snapshot one line at a time, so a large file is never held in
+/// memory whole. Lines are parsed as they arrive, but nothing is returned unless the
+/// footer's count and checksum match; when both a line and the checksum are bad, the
+/// checksum is reported (a flipped bit is the likelier story).
+fn decode_from(mut input: impl BufRead) -> Result<SnapshotData, String> {
+    let (mut line, mut crc) = (Vec::new(), 0);
+    let mut header: Option<Header> = None;
+    let mut data = SnapshotData::default();
+    let (mut found, mut bad) = (0u64, None::<String>);
+    let footer = loop {
+        line.clear();
+        let n = input
+            .read_until(b'\n', &mut line)
+            .map_err(|e| format!("cannot read: {e}"))?;
+        if line.starts_with(FOOTER_PREFIX) {
+            break serde_json::from_slice::<Footer>(&line)
+                .map_err(|e| format!("bad footer: {e}"))?;
+        }
+        if n == 0 || !line.ends_with(b"\n") {
+            return Err("no footer line".into());
+        }
+        crc = crc32c::crc32c_append(crc, &line);
+        if bad.is_some() || line == b"\n" {
+            continue;
+        }
+        let parsed = match &header {
+            None => serde_json::from_slice::<Header>(&line)
+                .map(|h| header = Some(h))
+                .map_err(|e| format!("bad header: {e}")),
+            Some(_) => serde_json::from_slice::<KeyValueIn<'_>>(&line)
+                .map(|kv| {
+                    data.insert_item(&kv.key, &kv.value, kv.version);
+                    found += 1;
+                })
+                .map_err(|e| format!("bad item: {e}")),
+        };
+        bad = parsed.err();
     };
-    let footer: Footer =
-        serde_json::from_slice(&bytes[body_end..]).map_err(|e| format!("bad footer: {e}"))?;
-    let crc = crc32c::crc32c(&bytes[..body_end]);
     if crc != footer.crc {
         return Err(format!(
             "checksum mismatch (footer {}, computed {crc})",
             footer.crc
         ));
     }
-    let mut lines = bytes[..body_end]
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty());
-    let header: Header = serde_json::from_slice(lines.next().ok_or("no header line")?)
-        .map_err(|e| format!("bad header: {e}"))?;
-    let mut data = SnapshotData {
-        pos: LogPosition {
-            epoch: header.epoch,
-            seq: header.seq,
-        },
-        ..SnapshotData::default()
-    };
-    let mut found = 0u64;
-    for line in lines {
-        let kv: KeyValueIn<'_> =
-            serde_json::from_slice(line).map_err(|e| format!("bad item: {e}"))?;
-        data.insert_item(&kv.key, &kv.value, kv.version);
-        found += 1;
+    line.clear();
+    input
+        .read_to_end(&mut line)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if !line.is_empty() {
+        return Err(format!("{} bytes after the footer line", line.len()));
     }
+    if let Some(e) = bad {
+        return Err(e);
+    }
+    let header = header.ok_or("no header line")?;
     // A repeated key would collapse in the map: count lines and keys both.
     if found != footer.items || header.keys != footer.items || data.items.len() as u64 != found {
         return Err(format!(
@@ -226,6 +255,10 @@ pub fn decode(bytes: &[u8]) -> Result<SnapshotData, String> {
             data.items.len()
         ));
     }
+    data.pos = LogPosition {
+        epoch: header.epoch,
+        seq: header.seq,
+    };
     header
         .clients
         .into_iter()
@@ -245,10 +278,11 @@ pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<PathBuf> {
     Ok(dir.join(name))
 }
 
-/// Reads and verifies a snapshot file.
+/// Reads and verifies a snapshot file, streaming it.
 pub fn read(path: &Path) -> Result<SnapshotData, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    decode(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    decode_from(io::BufReader::with_capacity(READ_BUFFER_BYTES, file))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Removes every segment whose records are all covered by the snapshot at `seq` (first
@@ -314,7 +348,7 @@ pub fn read_page_at(
         if n == 0 || !line.ends_with('\n') {
             return Err(bad("no footer".into()));
         }
-        if line.starts_with("{\"type\":\"footer\"") {
+        if line.as_bytes().starts_with(FOOTER_PREFIX) {
             return Ok((header, items, true, offset));
         }
         if items.len() == max {
@@ -347,8 +381,16 @@ mod tests {
         assert_eq!(decode(&bytes).unwrap(), data);
         let mut bad = bytes.clone();
         bad[bytes.len() / 2] ^= 0x02;
-        assert!(decode(&bad).is_err());
+        assert!(decode(&bad).unwrap_err().contains("checksum"));
         assert!(decode(&bytes[..bytes.len() - 3]).is_err());
+        let footer_start = bytes[..bytes.len() - 1]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .unwrap();
+        assert!(decode(&bytes[..footer_start + 1]).is_err(), "no footer");
+        let mut trailing = bytes.clone();
+        trailing.extend_from_slice(b"{}\n");
+        assert!(decode(&trailing).is_err(), "data after the footer");
     }
 
     /// The file format is a contract with older nodes and with `jq`: these exact bytes
