@@ -34,6 +34,12 @@ pub mod tools;
 pub mod wal;
 
 pub use config::Config;
+
+/// Unit tests run on the binary's allocator, so that memory measurements (the ignored
+/// `store::tests::memory_*`) mean what they would in a storage node.
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub use server::StorageServer;
 
 use futures::StreamExt;

@@ -579,6 +579,119 @@ pub(crate) mod tests {
         assert_eq!(s.len(), 1);
     }
 
+    /// RSS per key of 1M keys (16-byte keys in random order, 100-byte values) in the
+    /// layouts the store could use. Meaningful only in release and one per process:
+    /// `cargo test --release -p walkv-storage --lib -- --ignored --exact --nocapture
+    /// store::tests::memory_ordmap_arc`.
+    mod memory {
+        use super::*;
+        use crate::tools::{bench_key, rss_bytes};
+        use std::collections::BTreeMap;
+
+        const KEYS: u64 = 1_000_000;
+        const VALUE: &str = concat!(
+            "0123456789012345678901234567890123456789012345678901234567890123456789",
+            "012345678901234567890123456789"
+        );
+
+        /// Builds a map from `keys` (made before the measurement starts) and prints the RSS
+        /// it added per key.
+        fn measure<M>(what: &str, keys: &[String], build: impl FnOnce(&[String]) -> M) {
+            assert_eq!(VALUE.len(), 100);
+            let before = rss_bytes();
+            let map = build(keys);
+            let per_key = rss_bytes().saturating_sub(before) as f64 / keys.len() as f64;
+            println!("{what}: {per_key:.0} B of RSS per key");
+            drop(map);
+        }
+
+        fn random_keys() -> Vec<String> {
+            (1..=KEYS).map(bench_key).collect()
+        }
+
+        #[test]
+        #[ignore = "measurement: run alone, in release"]
+        fn memory_btreemap_string() {
+            measure("BTreeMap<String, (String, Seq)>", &random_keys(), |keys| {
+                let mut m = BTreeMap::new();
+                for (i, k) in keys.iter().enumerate() {
+                    m.insert(k.clone(), (VALUE.to_string(), Seq(i as u64)));
+                }
+                m
+            });
+        }
+
+        #[test]
+        #[ignore = "measurement: run alone, in release"]
+        fn memory_btreemap_box() {
+            measure(
+                "BTreeMap<Box<str>, (Box<str>, Seq)>",
+                &random_keys(),
+                |keys| {
+                    let mut m = BTreeMap::new();
+                    for (i, k) in keys.iter().enumerate() {
+                        m.insert(
+                            Box::<str>::from(k.as_str()),
+                            (Box::<str>::from(VALUE), Seq(i as u64)),
+                        );
+                    }
+                    m
+                },
+            );
+        }
+
+        #[test]
+        #[ignore = "measurement: run alone, in release"]
+        fn memory_ordmap_arc() {
+            measure(
+                "OrdMap<Arc<str>, (Arc<str>, Seq)>",
+                &random_keys(),
+                |keys| {
+                    let mut m = KeyMap::new();
+                    for (i, k) in keys.iter().enumerate() {
+                        m.insert(Text::from(k.as_str()), (Text::from(VALUE), Seq(i as u64)));
+                    }
+                    m
+                },
+            );
+        }
+
+        #[test]
+        #[ignore = "measurement: run alone, in release"]
+        fn memory_ordmap_arc_sorted() {
+            let mut keys = random_keys();
+            keys.sort();
+            measure("OrdMap<Arc<str>, ..> loaded in key order", &keys, |keys| {
+                let mut data = SnapshotData::default();
+                for (i, k) in keys.iter().enumerate() {
+                    data.insert_item(k, VALUE, Seq(i as u64));
+                }
+                data
+            });
+        }
+
+        #[test]
+        #[ignore = "measurement: run alone, in release"]
+        fn memory_store() {
+            measure("Store through apply", &random_keys(), |keys| {
+                let mut s = Store::new();
+                for (i, k) in keys.iter().enumerate() {
+                    let seq = i as u64 + 1;
+                    let op = WriteOp::Put {
+                        key: k.clone(),
+                        value: VALUE.into(),
+                    };
+                    s.apply(&rec(seq, "bench", seq, op));
+                    if i % 100_000 == 0 {
+                        s.compacted(s.pos());
+                    }
+                }
+                s.compacted(s.pos());
+                s
+            });
+        }
+    }
+
     #[test]
     #[should_panic(expected = "seq order")]
     fn gap_is_a_broken_invariant() {

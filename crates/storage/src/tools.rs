@@ -310,7 +310,7 @@ impl std::fmt::Display for StoreBenchReport {
 }
 
 /// The resident set size of this process in bytes (`VmRSS`; 0 where /proc is missing).
-fn rss_bytes() -> u64 {
+pub(crate) fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -323,7 +323,7 @@ fn rss_bytes() -> u64 {
 
 /// Key number `i` of the bench: 16 hex digits of a bijective mix of `i` (splitmix64's
 /// finaliser), so keys are distinct and arrive in random order, as real keys would.
-fn bench_key(i: u64) -> String {
+pub(crate) fn bench_key(i: u64) -> String {
     let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
