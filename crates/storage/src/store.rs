@@ -23,7 +23,7 @@
 //!   ones.
 //! - `tail` holds every record after `snapshot_pos.seq`, in order, with the outcome it had,
 //!   so `fetch` can serve catch-up without touching disk; older records answer
-//!   `SnapshotNeeded`.
+//!   `SnapshotNeeded`. Its strings are shared with the maps, not copied.
 //! - The exactly-once table `clients` is part of the state (and of snapshots and digests).
 //! - Tombstones remember the seq of a key's last delete so a read can report `last_touch`;
 //!   they are dropped once the frontend's commit index passes them.
@@ -35,7 +35,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use walkv_shared::rpc::{ClientEntry, Digest, FetchReply};
 use walkv_shared::types::{KeyValue, LogPosition, Outcome, Versioned, WriteOp};
-use walkv_shared::{Record, Seq};
+use walkv_shared::{Epoch, Record, Seq};
 
 /// Most key and value bytes one `fetch` page carries (plus one record), keeping a page well
 /// below the default 8 MiB frame limit even with JSON escaping.
@@ -101,6 +101,102 @@ impl SnapshotData {
     }
 }
 
+/// A record as the tail keeps it. Its strings are the ones the maps hold, shared rather
+/// than copied, so the records since the newest snapshot cost little more than their
+/// fixed-size fields, and applying a record copies none of it.
+#[derive(Clone, Debug)]
+struct Applied {
+    seq: Seq,
+    epoch: Epoch,
+    client: Text,
+    op_no: u64,
+    op: AppliedOp,
+    outcome: Outcome,
+}
+
+/// [`WriteOp`] with shared strings.
+#[derive(Clone, Debug)]
+enum AppliedOp {
+    Put {
+        key: Text,
+        value: Text,
+    },
+    Delete {
+        key: Text,
+    },
+    Cas {
+        key: Text,
+        expected: Seq,
+        value: Text,
+    },
+}
+
+impl AppliedOp {
+    /// `op` with strings of its own: for records that change no state (retries, stale ops).
+    fn copied(op: &WriteOp) -> AppliedOp {
+        match op {
+            WriteOp::Put { key, value } => AppliedOp::Put {
+                key: key.as_str().into(),
+                value: value.as_str().into(),
+            },
+            WriteOp::Delete { key } => AppliedOp::Delete {
+                key: key.as_str().into(),
+            },
+            WriteOp::Cas {
+                key,
+                expected,
+                value,
+            } => AppliedOp::Cas {
+                key: key.as_str().into(),
+                expected: *expected,
+                value: value.as_str().into(),
+            },
+        }
+    }
+}
+
+impl Applied {
+    /// The record as it was appended (for `fetch`).
+    fn record(&self) -> Record {
+        let op = match &self.op {
+            AppliedOp::Put { key, value } => WriteOp::Put {
+                key: key.to_string(),
+                value: value.to_string(),
+            },
+            AppliedOp::Delete { key } => WriteOp::Delete {
+                key: key.to_string(),
+            },
+            AppliedOp::Cas {
+                key,
+                expected,
+                value,
+            } => WriteOp::Cas {
+                key: key.to_string(),
+                expected: *expected,
+                value: value.to_string(),
+            },
+        };
+        Record {
+            seq: self.seq,
+            epoch: self.epoch,
+            client: self.client.to_string(),
+            op_no: self.op_no,
+            op,
+        }
+    }
+
+    /// [`record_bytes`] of [`Applied::record`], without building it.
+    fn bytes(&self) -> usize {
+        self.client.len()
+            + match &self.op {
+                AppliedOp::Put { key, value } | AppliedOp::Cas { key, value, .. } => {
+                    key.len() + value.len()
+                }
+                AppliedOp::Delete { key } => key.len(),
+            }
+    }
+}
+
 /// The key-value map plus everything `apply` needs to be deterministic.
 #[derive(Debug, Default)]
 pub struct Store {
@@ -109,7 +205,7 @@ pub struct Store {
     tombstones: TombstoneMap,
     pos: LogPosition,
     snapshot_pos: LogPosition,
-    tail: VecDeque<(Record, Outcome)>,
+    tail: VecDeque<Applied>,
 }
 
 impl Store {
@@ -137,41 +233,57 @@ impl Store {
             self.pos.seq.next(),
             "records must be applied in seq order without gaps"
         );
-        let outcome = match self.clients.get(r.client.as_str()) {
-            Some((last, outcome)) if r.op_no == *last => outcome.clone(),
-            Some((last, _)) if r.op_no < *last => Outcome::StaleOp { last_op_no: *last },
+        let (client, last) = match self.clients.get_key_value(r.client.as_str()) {
+            Some((id, (last, outcome))) => (id.clone(), Some((*last, outcome.clone()))),
+            None => (Text::from(r.client.as_str()), None),
+        };
+        let (outcome, op) = match last {
+            Some((last, outcome)) if r.op_no == last => (outcome, AppliedOp::copied(&r.op)),
+            Some((last, _)) if r.op_no < last => (
+                Outcome::StaleOp { last_op_no: last },
+                AppliedOp::copied(&r.op),
+            ),
             _ => {
-                let outcome = self.evaluate(r);
+                let (outcome, op) = self.evaluate(r);
                 let entry = (r.op_no, outcome.clone());
-                // Known clients keep their id's allocation; only a new client makes one.
-                match self.clients.get_mut(r.client.as_str()) {
+                match self.clients.get_mut(&*client) {
                     Some(slot) => *slot = entry,
                     None => {
-                        self.clients.insert(r.client.as_str().into(), entry);
+                        self.clients.insert(client.clone(), entry);
                     }
                 }
-                outcome
+                (outcome, op)
             }
         };
         self.pos = LogPosition {
             epoch: r.epoch,
             seq: r.seq,
         };
-        self.tail.push_back((r.clone(), outcome.clone()));
+        self.tail.push_back(Applied {
+            seq: r.seq,
+            epoch: r.epoch,
+            client,
+            op_no: r.op_no,
+            op,
+            outcome: outcome.clone(),
+        });
         outcome
     }
 
-    fn evaluate(&mut self, r: &Record) -> Outcome {
+    /// Evaluates an operation that is not a retry: its outcome, and the operation with the
+    /// strings the maps now hold.
+    fn evaluate(&mut self, r: &Record) -> (Outcome, AppliedOp) {
+        let written = Outcome::Written { version: r.seq };
         match &r.op {
             WriteOp::Put { key, value } => {
-                self.set(key, value, r.seq);
-                Outcome::Written { version: r.seq }
+                let (key, value) = self.set(key, value, r.seq);
+                (written, AppliedOp::Put { key, value })
             }
             WriteOp::Delete { key } => match self.map.remove_with_key(key.as_str()) {
-                None => Outcome::NotFound,
+                None => (Outcome::NotFound, AppliedOp::copied(&r.op)),
                 Some((key, _)) => {
-                    self.tombstones.insert(key, r.seq);
-                    Outcome::Written { version: r.seq }
+                    self.tombstones.insert(key.clone(), r.seq);
+                    (written, AppliedOp::Delete { key })
                 }
             },
             WriteOp::Cas {
@@ -185,22 +297,37 @@ impl Store {
                     .map(|(_, v)| *v)
                     .unwrap_or_default();
                 if current != *expected {
-                    Outcome::VersionMismatch { current }
-                } else {
-                    self.set(key, value, r.seq);
-                    Outcome::Written { version: r.seq }
+                    return (
+                        Outcome::VersionMismatch { current },
+                        AppliedOp::copied(&r.op),
+                    );
                 }
+                let (key, value) = self.set(key, value, r.seq);
+                let expected = *expected;
+                (
+                    written,
+                    AppliedOp::Cas {
+                        key,
+                        expected,
+                        value,
+                    },
+                )
             }
         }
     }
 
-    /// Sets `key` to `value`; an existing key keeps its allocation.
-    fn set(&mut self, key: &str, value: &str, seq: Seq) {
-        let entry = (Text::from(value), seq);
-        match self.map.get_mut(key) {
-            Some(slot) => *slot = entry,
+    /// Sets `key` to `value` and returns the strings stored; an existing key keeps its own.
+    fn set(&mut self, key: &str, value: &str, seq: Seq) -> (Text, Text) {
+        let value = Text::from(value);
+        match self.map.get_key_value_mut(key) {
+            Some((key, slot)) => {
+                *slot = (value.clone(), seq);
+                (key.clone(), value)
+            }
             None => {
-                self.map.insert(key.into(), entry);
+                let key = Text::from(key);
+                self.map.insert(key.clone(), (value.clone(), seq));
+                (key, value)
             }
         }
     }
@@ -209,8 +336,8 @@ impl Store {
     /// Records older than the newest snapshot fall back to the exactly-once table.
     pub fn outcome_of(&self, r: &Record) -> Outcome {
         if let Some(first) = self.tail.front() {
-            if r.seq >= first.0.seq && r.seq <= self.pos.seq {
-                return self.tail[(r.seq.0 - first.0.seq.0) as usize].1.clone();
+            if r.seq >= first.seq && r.seq <= self.pos.seq {
+                return self.tail[(r.seq.0 - first.seq.0) as usize].outcome.clone();
             }
         }
         match self.clients.get(r.client.as_str()) {
@@ -271,7 +398,7 @@ impl Store {
                 keys: self.map.len() as u64,
             };
         }
-        let Some(first) = self.tail.front().map(|(r, _)| r.seq) else {
+        let Some(first) = self.tail.front().map(|a| a.seq) else {
             return FetchReply::Records(Vec::new());
         };
         let skip = from.0.saturating_sub(first.0) as usize;
@@ -283,19 +410,19 @@ impl Store {
             .iter()
             .skip(skip)
             .take(max)
-            .take_while(|(r, _)| {
-                let fits = bytes == 0 || bytes + record_bytes(r) <= FETCH_MAX_BYTES;
-                bytes += record_bytes(r);
+            .take_while(|a| {
+                let fits = bytes == 0 || bytes + a.bytes() <= FETCH_MAX_BYTES;
+                bytes += a.bytes();
                 fits
             })
-            .map(|(r, _)| r.clone())
+            .map(Applied::record)
             .collect();
         FetchReply::Records(records)
     }
 
     /// Marks the snapshot at `pos` durable: records up to it are no longer kept in memory.
     pub fn compacted(&mut self, pos: LogPosition) {
-        while self.tail.front().is_some_and(|(r, _)| r.seq <= pos.seq) {
+        while self.tail.front().is_some_and(|a| a.seq <= pos.seq) {
             self.tail.pop_front();
         }
         self.snapshot_pos = pos;
@@ -552,6 +679,24 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn fetch_returns_the_records_as_appended() {
+        let mut s = Store::new();
+        let records: Vec<Record> = (1..=600).map(mixed).collect();
+        for r in &records {
+            s.apply(r);
+        }
+        let FetchReply::Records(fetched) = s.fetch(Seq(1), 10_000) else {
+            panic!("records expected")
+        };
+        assert_eq!(
+            fetched, records,
+            "puts, deletes, cas, retries and stale ops"
+        );
+        let sizes: Vec<usize> = s.tail.iter().map(Applied::bytes).collect();
+        assert_eq!(sizes, records.iter().map(record_bytes).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn writes_after_a_snapshot_do_not_reach_it() {
         let mut s = Store::new();
         s.apply(&put(1, "a", "1"));
@@ -670,25 +815,31 @@ pub(crate) mod tests {
             });
         }
 
+        /// The store as a node holds it just before a snapshot: with `snapshot_every`
+        /// (100k) records in the tail.
         #[test]
         #[ignore = "measurement: run alone, in release"]
         fn memory_store() {
-            measure("Store through apply", &random_keys(), |keys| {
-                let mut s = Store::new();
-                for (i, k) in keys.iter().enumerate() {
-                    let seq = i as u64 + 1;
-                    let op = WriteOp::Put {
-                        key: k.clone(),
-                        value: VALUE.into(),
-                    };
-                    s.apply(&rec(seq, "bench", seq, op));
-                    if i % 100_000 == 0 {
-                        s.compacted(s.pos());
+            measure(
+                "Store through apply, 100k records in the tail",
+                &random_keys(),
+                |keys| {
+                    let mut s = Store::new();
+                    for (i, k) in keys.iter().enumerate() {
+                        let seq = i as u64 + 1;
+                        let op = WriteOp::Put {
+                            key: k.clone(),
+                            value: VALUE.into(),
+                        };
+                        s.apply(&rec(seq, "bench", seq, op));
+                        if seq.is_multiple_of(100_000) && seq < KEYS {
+                            s.compacted(s.pos());
+                        }
                     }
-                }
-                s.compacted(s.pos());
-                s
-            });
+                    assert_eq!(s.since_snapshot(), 100_000);
+                    s
+                },
+            );
         }
     }
 
