@@ -23,7 +23,7 @@
 //!   it out line by line; reading parses line by line into the maps, and returns nothing
 //!   unless the footer's count and checksum match.
 
-use crate::store::{ClientMap, SnapshotData, Text, TombstoneMap};
+use crate::store::{ClientMap, KeyMapBuilder, SnapshotData, Text, TombstoneMap};
 use crate::wal::file::{list_named, sync_dir, write_atomic_with};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -198,7 +198,7 @@ pub fn decode(bytes: &[u8]) -> Result<SnapshotData, String> {
 fn decode_from(mut input: impl BufRead) -> Result<SnapshotData, String> {
     let (mut line, mut crc) = (Vec::new(), 0);
     let mut header: Option<Header> = None;
-    let mut data = SnapshotData::default();
+    let (mut data, mut items) = (SnapshotData::default(), KeyMapBuilder::default());
     let (mut found, mut bad) = (0u64, None::<String>);
     let footer = loop {
         line.clear();
@@ -222,7 +222,7 @@ fn decode_from(mut input: impl BufRead) -> Result<SnapshotData, String> {
                 .map_err(|e| format!("bad header: {e}")),
             Some(_) => serde_json::from_slice::<KeyValueIn<'_>>(&line)
                 .map(|kv| {
-                    data.insert_item(&kv.key, &kv.value, kv.version);
+                    items.push(&kv.key, &kv.value, kv.version);
                     found += 1;
                 })
                 .map_err(|e| format!("bad item: {e}")),
@@ -246,6 +246,7 @@ fn decode_from(mut input: impl BufRead) -> Result<SnapshotData, String> {
         return Err(e);
     }
     let header = header.ok_or("no header line")?;
+    data.items = items.finish();
     // A repeated key would collapse in the map: count lines and keys both.
     if found != footer.items || header.keys != footer.items || data.items.len() as u64 != found {
         return Err(format!(

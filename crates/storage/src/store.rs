@@ -51,6 +51,10 @@ pub fn record_bytes(r: &Record) -> usize {
         }
 }
 
+/// Keys per window of [`KeyMapBuilder`]: enough that the one half-full leaf per window
+/// does not matter, small enough to stay in cache.
+const BUILD_WINDOW: usize = 1024;
+
 /// An immutable, shared string: a stored key, value or client id.
 pub type Text = Arc<str>;
 
@@ -194,6 +198,48 @@ impl Applied {
                 }
                 AppliedOp::Delete { key } => key.len(),
             }
+    }
+}
+
+/// Builds a [`KeyMap`] from keys that arrive in ascending order (a snapshot file).
+///
+/// Inserting ascending keys one at a time leaves the B-tree's leaves half empty: a full
+/// leaf splits in two and no later key lands in its left half, so 8 of imbl's 16 slots
+/// stay used (about 45 B more per key). The builder inserts each window of
+/// [`BUILD_WINDOW`] keys as its even-numbered keys first, then its odd-numbered ones,
+/// which land in the gaps the first pass left: leaves end up about 98% full. The map's
+/// content does not depend on the order; only its layout does.
+#[derive(Debug, Default)]
+pub struct KeyMapBuilder {
+    map: KeyMap,
+    evens: Vec<(Text, (Text, Seq))>,
+    odds: Vec<(Text, (Text, Seq))>,
+}
+
+impl KeyMapBuilder {
+    /// Adds the next key (ascending order keeps the leaves full; any order is correct).
+    pub fn push(&mut self, key: &str, value: &str, version: Seq) {
+        let entry = (Text::from(key), (Text::from(value), version));
+        if self.evens.len() == self.odds.len() {
+            self.evens.push(entry);
+        } else {
+            self.odds.push(entry);
+        }
+        if self.evens.len() + self.odds.len() == BUILD_WINDOW {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        for (key, value) in self.evens.drain(..).chain(self.odds.drain(..)) {
+            self.map.insert(key, value);
+        }
+    }
+
+    /// The map of every key pushed.
+    pub fn finish(mut self) -> KeyMap {
+        self.flush();
+        self.map
     }
 }
 
@@ -697,6 +743,25 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn key_map_builder_holds_exactly_what_was_pushed() {
+        for n in [0, 1, 2, 1023, 1024, 1025, 5000] {
+            let mut built = KeyMapBuilder::default();
+            let mut inserted = KeyMap::new();
+            for i in 0..n {
+                // Ascending, except that every 97th key comes out of order.
+                let k = if i % 97 == 5 {
+                    format!("z{i:05}")
+                } else {
+                    format!("k{i:05}")
+                };
+                built.push(&k, &format!("v{i}"), Seq(i));
+                inserted.insert(k.as_str().into(), (format!("v{i}").into(), Seq(i)));
+            }
+            assert_eq!(built.finish(), inserted, "{n} keys");
+        }
+    }
+
+    #[test]
     fn writes_after_a_snapshot_do_not_reach_it() {
         let mut s = Store::new();
         s.apply(&put(1, "a", "1"));
@@ -806,12 +871,30 @@ pub(crate) mod tests {
         fn memory_ordmap_arc_sorted() {
             let mut keys = random_keys();
             keys.sort();
-            measure("OrdMap<Arc<str>, ..> loaded in key order", &keys, |keys| {
-                let mut data = SnapshotData::default();
+            measure(
+                "OrdMap<Arc<str>, ..> inserted in key order",
+                &keys,
+                |keys| {
+                    let mut data = SnapshotData::default();
+                    for (i, k) in keys.iter().enumerate() {
+                        data.insert_item(k, VALUE, Seq(i as u64));
+                    }
+                    data
+                },
+            );
+        }
+
+        #[test]
+        #[ignore = "measurement: run alone, in release"]
+        fn memory_ordmap_arc_built() {
+            let mut keys = random_keys();
+            keys.sort();
+            measure("OrdMap<Arc<str>, ..> from KeyMapBuilder", &keys, |keys| {
+                let mut b = KeyMapBuilder::default();
                 for (i, k) in keys.iter().enumerate() {
-                    data.insert_item(k, VALUE, Seq(i as u64));
+                    b.push(k, VALUE, Seq(i as u64));
                 }
-                data
+                b.finish()
             });
         }
 
