@@ -82,6 +82,12 @@ enum WalCommand {
         /// Bytes per value.
         #[arg(long, default_value_t = 100)]
         value_size: usize,
+        /// Distinct keys the puts cycle through (16 bytes each).
+        #[arg(long, default_value_t = 100_000)]
+        keys: u64,
+        /// Snapshot every N records, as a node does (default: never).
+        #[arg(long)]
+        snapshot_every: Option<u64>,
     },
     /// Load N keys into an in-memory store and report RSS per key, the writer's stall
     /// when it takes a snapshot, apply latency with and without one, and recovery time.
@@ -200,9 +206,18 @@ async fn wal_tool(cmd: &WalCommand) -> ExitCode {
             writers,
             records,
             value_size,
-        } => tools::bench(&dir.data_dir, *writers, *records, *value_size)
-            .await
-            .map(|r| println!("writers {writers}: {r}")),
+            keys,
+            snapshot_every,
+        } => tools::bench(
+            &dir.data_dir,
+            *writers,
+            *records,
+            *value_size,
+            *keys,
+            *snapshot_every,
+        )
+        .await
+        .map(|r| println!("writers {writers}: {r}")),
         WalCommand::StoreBench {
             dir,
             recover_only: true,

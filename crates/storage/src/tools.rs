@@ -111,6 +111,12 @@ pub struct BenchReport {
     pub p50_us: u64,
     /// 99th percentile latency, µs.
     pub p99_us: u64,
+    /// 99.9th percentile latency, µs.
+    pub p999_us: u64,
+    /// Slowest append, µs.
+    pub max_us: u64,
+    /// Keys written (the key space the appends cycle through).
+    pub keys: u64,
 }
 
 impl std::fmt::Display for BenchReport {
@@ -118,12 +124,15 @@ impl std::fmt::Display for BenchReport {
         let secs = self.elapsed.as_secs_f64();
         write!(
             f,
-            "{} appends in {:.2}s: {:.0} appends/s, p50 {} us, p99 {} us, {} fsyncs ({:.1} appends per fsync)",
+            "{} appends over {} keys in {:.2}s: {:.0} appends/s, p50 {} us, p99 {} us, p99.9 {} us, max {} us, {} fsyncs ({:.1} appends per fsync)",
             self.appends,
+            self.keys,
             secs,
             self.appends as f64 / secs,
             self.p50_us,
             self.p99_us,
+            self.p999_us,
+            self.max_us,
             self.fsyncs,
             self.appends as f64 / self.fsyncs.max(1) as f64
         )
@@ -131,12 +140,16 @@ impl std::fmt::Display for BenchReport {
 }
 
 /// Appends `records` single-record appends from `writers` concurrent tasks to a WAL in
-/// `dir` (fsync on, no snapshots) and measures throughput and latency.
+/// `dir` (fsync on) and measures throughput and latency. The puts cycle through `keys`
+/// keys (16 bytes, random order); with `snapshot_every`, the writer snapshots as a node
+/// does, so the latency shows what a snapshot costs the write path at that many keys.
 pub async fn bench(
     dir: &Path,
     writers: usize,
     records: u64,
     value_size: usize,
+    keys: u64,
+    snapshot_every: Option<u64>,
 ) -> Result<BenchReport, String> {
     let _lock = crate::lock_data_dir(dir).map_err(|e| e.to_string())?;
     let r = recover(dir, true, false).map_err(|e| e.to_string())?;
@@ -149,9 +162,10 @@ pub async fn bench(
     let epoch = Epoch(state.highest_epoch.load(Ordering::SeqCst).max(1));
     let cfg = WriterConfig {
         batch_max: 1024,
-        snapshot_every: u64::MAX,
+        snapshot_every: snapshot_every.unwrap_or(u64::MAX),
         fsync: true,
     };
+    let keys = keys.max(1);
     let (writer, thread) =
         WalWriter::start(state.clone(), r.wal, cfg).map_err(|e| e.to_string())?;
     // The lock hands out seqs in queue order: the writer refuses gaps.
@@ -173,7 +187,7 @@ pub async fn bench(
                     }
                     *seq += 1;
                     let op = Op::Put {
-                        key: format!("bench-{}", *seq % 100_000),
+                        key: bench_key(*seq % keys),
                         value: value.clone(),
                     };
                     let rec = Record {
@@ -211,6 +225,9 @@ pub async fn bench(
         fsyncs: state.wal_batches.load(Ordering::Relaxed),
         p50_us: hist.value_at_quantile(0.5),
         p99_us: hist.value_at_quantile(0.99),
+        p999_us: hist.value_at_quantile(0.999),
+        max_us: hist.max(),
+        keys: keys.min(records),
     })
 }
 
