@@ -243,6 +243,25 @@ impl KeyMapBuilder {
     }
 }
 
+/// Records [`Store::compacted`] took out of the tail. Freeing a snapshot's worth of them
+/// (100k by default) takes milliseconds, so the snapshot thread drops this after releasing
+/// the store lock instead of stalling the writer and every read.
+#[derive(Debug)]
+#[must_use = "drop it after releasing the store lock"]
+pub struct Compacted(VecDeque<Applied>);
+
+impl Compacted {
+    /// Number of records removed.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no record was removed.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// The key-value map plus everything `apply` needs to be deterministic.
 #[derive(Debug, Default)]
 pub struct Store {
@@ -467,11 +486,20 @@ impl Store {
     }
 
     /// Marks the snapshot at `pos` durable: records up to it are no longer kept in memory.
-    pub fn compacted(&mut self, pos: LogPosition) {
-        while self.tail.front().is_some_and(|a| a.seq <= pos.seq) {
-            self.tail.pop_front();
-        }
+    /// They are returned, to be dropped after the store lock is released.
+    pub fn compacted(&mut self, pos: LogPosition) -> Compacted {
+        // Tail seqs are consecutive, so the records to drop are a counted prefix.
+        let n = self
+            .tail
+            .front()
+            .map_or(0, |a| (pos.seq.0 + 1).saturating_sub(a.seq.0) as usize)
+            .min(self.tail.len());
+        // Copy the (shorter) rest into a buffer as large as the old one, so the tail does
+        // not regrow by doubling, each time copying itself under the store lock.
+        let mut kept = VecDeque::with_capacity(self.tail.capacity());
+        kept.extend(self.tail.drain(n..));
         self.snapshot_pos = pos;
+        Compacted(std::mem::replace(&mut self.tail, kept))
     }
 
     /// The whole state at the current position, for a snapshot: O(1), whatever the number
@@ -916,7 +944,7 @@ pub(crate) mod tests {
                         };
                         s.apply(&rec(seq, "bench", seq, op));
                         if seq.is_multiple_of(100_000) && seq < KEYS {
-                            s.compacted(s.pos());
+                            drop(s.compacted(s.pos()));
                         }
                     }
                     assert_eq!(s.since_snapshot(), 100_000);
@@ -966,10 +994,11 @@ pub(crate) mod tests {
             panic!("records expected")
         };
         assert_eq!(r.iter().map(|r| r.seq.0).collect::<Vec<_>>(), vec![4, 5, 6]);
-        s.compacted(LogPosition {
+        let dropped = s.compacted(LogPosition {
             epoch: Epoch(1),
             seq: Seq(6),
         });
+        assert_eq!(dropped.len(), 6);
         assert!(matches!(
             s.fetch(Seq(6), 3),
             FetchReply::SnapshotNeeded {

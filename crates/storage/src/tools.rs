@@ -406,10 +406,10 @@ pub fn store_bench(
     for seq in 1..=keys {
         store.apply(&bench_put(seq, bench_key(seq), &value));
         if seq % STORE_BENCH_SNAPSHOT_EVERY == 0 {
-            store.compacted(store.pos());
+            drop(store.compacted(store.pos()));
         }
     }
-    store.compacted(store.pos());
+    drop(store.compacted(store.pos()));
     let load = started.elapsed();
     let per_key = |rss: u64| rss.saturating_sub(rss_start) as f64 / keys as f64;
     let rss_loaded = rss_bytes();

@@ -632,7 +632,10 @@ fn write_snapshot(state: &NodeState, data: SnapshotData) {
         .and_then(|_| snapshot::remove_superseded(&state.dir, pos.seq))
     {
         Ok(()) => {
-            state.store_mut().compacted(pos);
+            // The guard is a temporary of this statement: the records are freed after the
+            // lock is released.
+            let compacted = state.store_mut().compacted(pos);
+            drop(compacted);
             crate::metrics::METRICS.snapshots.inc();
             info!(seq = %pos.seq, keys, ms = started.elapsed().as_millis() as u64, "snapshot written, older WAL segments removed");
         }
