@@ -205,8 +205,8 @@ impl Applied {
 ///
 /// Inserting ascending keys one at a time leaves the B-tree's leaves half empty: a full
 /// leaf splits in two and no later key lands in its left half, so 8 of imbl's 16 slots
-/// stay used (about 45 B more per key). The builder inserts each window of
-/// [`BUILD_WINDOW`] keys as its even-numbered keys first, then its odd-numbered ones,
+/// stay used (about 45 B more per key). The builder inserts each window of 1024 keys
+/// (`BUILD_WINDOW`) as its even-numbered keys first, then its odd-numbered ones,
 /// which land in the gaps the first pass left: leaves end up about 98% full. The map's
 /// content does not depend on the order; only its layout does.
 #[derive(Debug, Default)]

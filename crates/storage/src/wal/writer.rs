@@ -11,8 +11,11 @@
 //! 3. encodes the accepted records into one buffer, writes it and calls `sync_data` once;
 //! 4. applies them to the store in order with `Store::apply`, publishes the applied seq,
 //!    and only then replies to every sender;
-//! 5. every `snapshot_every` records, rolls to a new segment and hands a copy of the state
-//!    to a snapshot thread, so snapshot IO never sits on the write path.
+//! 5. every `snapshot_every` records, rolls to a new segment and hands a view of the state
+//!    to a snapshot thread, so snapshot IO never sits on the write path. Taking the view is
+//!    O(1) whatever the number of keys: the store's maps are persistent and share their
+//!    nodes with it (see [`crate::store`]); the thread streams it to disk without the
+//!    store lock, then drops the records it covers from the tail.
 //!
 //! `truncate` and `install_snapshot` run on the same thread (after joining any snapshot
 //! in progress) and rebuild the store from disk with the same recovery code as startup.
