@@ -14,7 +14,7 @@
 //! - [`server`]: `StorageServer`, the RPC adapter (token check, fencing via the writer).
 //! - [`registration`]: register + heartbeat loop against the frontend's `Registry`.
 //! - [`metrics`]: Prometheus metrics (fsync latency, batch sizes, WAL bytes, snapshots).
-//! - [`tools`]: the offline `storage wal verify|dump|bench` subcommands.
+//! - [`tools`]: the offline `storage wal verify|dump|bench|store-bench` subcommands.
 //!
 //! # Lifecycle
 //!
@@ -34,6 +34,12 @@ pub mod tools;
 pub mod wal;
 
 pub use config::Config;
+
+/// Unit tests run on the binary's allocator, so that memory measurements (the ignored
+/// `store::tests::memory_*`) mean what they would in a storage node.
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub use server::StorageServer;
 
 use futures::StreamExt;

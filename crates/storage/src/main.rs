@@ -2,9 +2,10 @@
 //!
 //! Keeps a full copy of the data in a JSON write-ahead log under `--data-dir`, serves the
 //! frontend's replication and read RPCs on `--listen`, and registers with the frontend at
-//! `--frontend`. `storage wal verify|dump|bench --data-dir D` inspect a data directory
-//! offline. Exit codes: 0 ok, 1 refused to start (config, lock, corruption), 3 stopped by a
-//! disk error (fail-stop) or refused by the frontend.
+//! `--frontend`. `storage wal verify|dump|bench|store-bench --data-dir D` inspect a data
+//! directory offline or measure the WAL and the in-memory store. Exit codes: 0 ok, 1
+//! refused to start (config, lock, corruption), 3 stopped by a disk error (fail-stop) or
+//! refused by the frontend.
 
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -81,6 +82,31 @@ enum WalCommand {
         /// Bytes per value.
         #[arg(long, default_value_t = 100)]
         value_size: usize,
+        /// Distinct keys the puts cycle through (16 bytes each).
+        #[arg(long, default_value_t = 100_000)]
+        keys: u64,
+        /// Snapshot every N records, as a node does (default: never).
+        #[arg(long)]
+        snapshot_every: Option<u64>,
+    },
+    /// Load N keys into an in-memory store and report RSS per key, the writer's stall
+    /// when it takes a snapshot, apply latency with and without one, and recovery time.
+    StoreBench {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Keys to load (16 bytes each).
+        #[arg(long, default_value_t = 1_000_000)]
+        keys: u64,
+        /// Bytes per value.
+        #[arg(long, default_value_t = 100)]
+        value_size: usize,
+        /// Overwrites applied with the snapshot alive, and as many after: recovery replays
+        /// twice this many WAL records (default: one `snapshot_every`'s worth).
+        #[arg(long, default_value_t = 50_000)]
+        updates: u64,
+        /// Only recover the directory an earlier run left, in this fresh process.
+        #[arg(long)]
+        recover_only: bool,
     },
 }
 
@@ -194,9 +220,32 @@ async fn wal_tool(cmd: &WalCommand) -> ExitCode {
             writers,
             records,
             value_size,
-        } => tools::bench(&dir.data_dir, *writers, *records, *value_size)
-            .await
-            .map(|r| println!("writers {writers}: {r}")),
+            keys,
+            snapshot_every,
+        } => tools::bench(
+            &dir.data_dir,
+            *writers,
+            *records,
+            *value_size,
+            *keys,
+            *snapshot_every,
+        )
+        .await
+        .map(|r| println!("writers {writers}: {r}")),
+        WalCommand::StoreBench {
+            dir,
+            recover_only: true,
+            ..
+        } => tools::recover_bench(&dir.data_dir).map(|r| println!("{r}")),
+        WalCommand::StoreBench {
+            dir,
+            keys,
+            value_size,
+            updates,
+            recover_only: false,
+        } => {
+            tools::store_bench(&dir.data_dir, *keys, *value_size, *updates).map(|r| println!("{r}"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

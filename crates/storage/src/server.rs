@@ -347,16 +347,21 @@ impl Storage for StorageServer {
         }
         if data
             .items
-            .last()
+            .get_max()
             .zip(chunk.items.first())
-            .is_some_and(|(a, b)| a.key >= b.key)
+            .is_some_and(|((a, _), b)| **a >= *b.key)
         {
             return Err(KvError::InvalidInput(
                 "snapshot chunks must arrive in key order".into(),
             ));
         }
-        data.items.extend(chunk.items);
-        data.clients.extend(chunk.clients);
+        for kv in chunk.items {
+            data.insert_item(&kv.key, &kv.value, kv.version);
+        }
+        chunk
+            .clients
+            .into_iter()
+            .for_each(|c| data.insert_client(c));
         if !chunk.last {
             return Ok(self.inner.state.store().pos());
         }

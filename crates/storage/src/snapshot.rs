@@ -18,15 +18,26 @@
 //!   snapshot with a suffix of the WAL that still overlaps or continues it.
 //! - A file without a matching footer is never used. `*.tmp` leftovers are removed at start.
 //! - Encoding and decoding are pure functions; only [`write()`] and [`read()`] touch disk.
+//! - Neither holds a whole file in memory. The writer takes a [`SnapshotData`] in O(1) (its
+//!   maps share nodes with the store, see [`crate::store`]) and the snapshot thread streams
+//!   it out line by line; reading parses line by line into the maps, and returns nothing
+//!   unless the footer's count and checksum match.
 
-use crate::store::SnapshotData;
-use crate::wal::file::{list_named, sync_dir, write_atomic};
+use crate::store::{ClientMap, KeyMapBuilder, SnapshotData, Text, TombstoneMap};
+use crate::wal::file::{list_named, sync_dir, write_atomic_with};
 use serde::{Deserialize, Serialize};
-use std::io::{self, BufRead};
+use std::borrow::Cow;
+use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 use walkv_shared::rpc::ClientEntry;
-use walkv_shared::types::{KeyValue, LogPosition};
+use walkv_shared::types::{KeyValue, LogPosition, Outcome};
 use walkv_shared::{Epoch, Seq};
+
+/// Start of the footer line; a key line starts with `{"key"`, so it cannot be mistaken.
+const FOOTER_PREFIX: &[u8] = b"{\"type\":\"footer\"";
+
+/// Bytes read from a snapshot file at a time.
+const READ_BUFFER_BYTES: usize = 1 << 20;
 
 /// First line of a snapshot file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,89 +81,209 @@ pub fn list(dir: &Path) -> io::Result<Vec<(Seq, PathBuf)>> {
     list_named(dir, parse_snapshot_name)
 }
 
-/// Encodes a snapshot (pure).
+/// Encodes a snapshot into memory (pure; tests and small snapshots).
 pub fn encode(data: &SnapshotData) -> Vec<u8> {
-    let header = Header {
-        seq: data.pos.seq,
-        epoch: data.pos.epoch,
-        keys: data.items.len() as u64,
-        clients: data.clients.clone(),
-        tombstones: data.tombstones.clone(),
-    };
-    // Serialising plain structs of strings and integers cannot fail.
-    let mut out = serde_json::to_vec(&header).expect("header serialises");
-    out.push(b'\n');
-    for kv in &data.items {
-        serde_json::to_writer(&mut out, kv).expect("item serialises");
-        out.push(b'\n');
-    }
-    let footer = Footer {
-        items: data.items.len() as u64,
-        crc: crc32c::crc32c(&out),
-    };
-    serde_json::to_writer(&mut out, &footer).expect("footer serialises");
-    out.push(b'\n');
+    let mut out = Vec::new();
+    // Writing into a Vec cannot fail.
+    encode_to(data, &mut out).expect("encoding into memory cannot fail");
     out
 }
 
-/// Decodes and verifies a snapshot (pure).
-pub fn decode(bytes: &[u8]) -> Result<SnapshotData, String> {
-    let body_end = bytes
-        .len()
-        .checked_sub(1)
-        .and_then(|end| bytes[..end].iter().rposition(|&b| b == b'\n'))
-        .map(|i| i + 1);
-    let Some(body_end) = body_end else {
-        return Err("no footer line".into());
+/// Streams the encoding of `data` into `out`, one line at a time, straight from the
+/// shared maps: no copy of the keys is made, so the snapshot thread needs no more memory
+/// than one line, and the writer never waits for it.
+pub fn encode_to(data: &SnapshotData, out: &mut impl Write) -> io::Result<()> {
+    let (mut line, mut crc) = (Vec::new(), 0);
+    let header = HeaderOut {
+        kind: "header",
+        seq: data.pos.seq,
+        epoch: data.pos.epoch,
+        keys: data.items.len() as u64,
+        clients: Lines(&data.clients),
+        tombstones: Lines(&data.tombstones),
     };
-    let footer: Footer =
-        serde_json::from_slice(&bytes[body_end..]).map_err(|e| format!("bad footer: {e}"))?;
-    let crc = crc32c::crc32c(&bytes[..body_end]);
+    serde_json::to_writer(&mut line, &header)?;
+    put_line(&mut line, &mut crc, out)?;
+    for (key, (value, version)) in &data.items {
+        let kv = KeyValueRef {
+            key,
+            value,
+            version: *version,
+        };
+        serde_json::to_writer(&mut line, &kv)?;
+        put_line(&mut line, &mut crc, out)?;
+    }
+    let footer = Footer {
+        items: data.items.len() as u64,
+        crc,
+    };
+    serde_json::to_writer(&mut line, &footer)?;
+    line.push(b'\n');
+    out.write_all(&line)
+}
+
+/// Ends `line`, adds it to the running CRC and writes it out; leaves `line` empty.
+fn put_line(line: &mut Vec<u8>, crc: &mut u32, out: &mut impl Write) -> io::Result<()> {
+    line.push(b'\n');
+    *crc = crc32c::crc32c_append(*crc, line);
+    out.write_all(line)?;
+    line.clear();
+    Ok(())
+}
+
+/// [`Header`] as written: the same fields in the same order, borrowing the tables.
+#[derive(Serialize)]
+struct HeaderOut<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    seq: Seq,
+    epoch: Epoch,
+    keys: u64,
+    clients: Lines<'a, ClientMap>,
+    tombstones: Lines<'a, TombstoneMap>,
+}
+
+/// A `KeyValue` line as written, borrowing the key and value from the map.
+#[derive(Serialize)]
+struct KeyValueRef<'a> {
+    key: &'a str,
+    value: &'a str,
+    version: Seq,
+}
+
+/// A `KeyValue` line as read: borrows from the file's bytes unless a string has escapes.
+#[derive(Deserialize)]
+struct KeyValueIn<'a> {
+    #[serde(borrow)]
+    key: Cow<'a, str>,
+    #[serde(borrow)]
+    value: Cow<'a, str>,
+    version: Seq,
+}
+
+/// A shared table serialised as a JSON array, in key order, without copying it.
+struct Lines<'a, M>(&'a M);
+
+impl Serialize for Lines<'_, ClientMap> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Entry<'a> {
+            client: &'a str,
+            op_no: u64,
+            outcome: &'a Outcome,
+        }
+        s.collect_seq(self.0.iter().map(|(client, (op_no, outcome))| Entry {
+            client,
+            op_no: *op_no,
+            outcome,
+        }))
+    }
+}
+
+impl Serialize for Lines<'_, TombstoneMap> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|(key, seq)| (&**key, *seq)))
+    }
+}
+
+/// Decodes and verifies a snapshot held in memory (pure).
+pub fn decode(bytes: &[u8]) -> Result<SnapshotData, String> {
+    decode_from(bytes)
+}
+
+/// Decodes and verifies a snapshot one line at a time, so a large file is never held in
+/// memory whole. Lines are parsed as they arrive, but nothing is returned unless the
+/// footer's count and checksum match; when both a line and the checksum are bad, the
+/// checksum is reported (a flipped bit is the likelier story).
+fn decode_from(mut input: impl BufRead) -> Result<SnapshotData, String> {
+    let (mut line, mut crc) = (Vec::new(), 0);
+    let mut header: Option<Header> = None;
+    let (mut data, mut items) = (SnapshotData::default(), KeyMapBuilder::default());
+    let (mut found, mut bad) = (0u64, None::<String>);
+    let footer = loop {
+        line.clear();
+        let n = input
+            .read_until(b'\n', &mut line)
+            .map_err(|e| format!("cannot read: {e}"))?;
+        if line.starts_with(FOOTER_PREFIX) {
+            break serde_json::from_slice::<Footer>(&line)
+                .map_err(|e| format!("bad footer: {e}"))?;
+        }
+        if n == 0 || !line.ends_with(b"\n") {
+            return Err("no footer line".into());
+        }
+        crc = crc32c::crc32c_append(crc, &line);
+        if bad.is_some() || line == b"\n" {
+            continue;
+        }
+        let parsed = match &header {
+            None => serde_json::from_slice::<Header>(&line)
+                .map(|h| header = Some(h))
+                .map_err(|e| format!("bad header: {e}")),
+            Some(_) => serde_json::from_slice::<KeyValueIn<'_>>(&line)
+                .map(|kv| {
+                    items.push(&kv.key, &kv.value, kv.version);
+                    found += 1;
+                })
+                .map_err(|e| format!("bad item: {e}")),
+        };
+        bad = parsed.err();
+    };
     if crc != footer.crc {
         return Err(format!(
             "checksum mismatch (footer {}, computed {crc})",
             footer.crc
         ));
     }
-    let mut lines = bytes[..body_end]
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty());
-    let header: Header = serde_json::from_slice(lines.next().ok_or("no header line")?)
-        .map_err(|e| format!("bad header: {e}"))?;
-    let items = lines
-        .map(serde_json::from_slice::<KeyValue>)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("bad item: {e}"))?;
-    if items.len() as u64 != footer.items || header.keys != footer.items {
+    line.clear();
+    input
+        .read_to_end(&mut line)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if !line.is_empty() {
+        return Err(format!("{} bytes after the footer line", line.len()));
+    }
+    if let Some(e) = bad {
+        return Err(e);
+    }
+    let header = header.ok_or("no header line")?;
+    data.items = items.finish();
+    // A repeated key would collapse in the map: count lines and keys both.
+    if found != footer.items || header.keys != footer.items || data.items.len() as u64 != found {
         return Err(format!(
-            "footer says {} items, header {}, found {}",
+            "footer says {} items, header {}, found {found} lines with {} distinct keys",
             footer.items,
             header.keys,
-            items.len()
+            data.items.len()
         ));
     }
-    Ok(SnapshotData {
-        pos: LogPosition {
-            epoch: header.epoch,
-            seq: header.seq,
-        },
-        items,
-        clients: header.clients,
-        tombstones: header.tombstones,
-    })
+    data.pos = LogPosition {
+        epoch: header.epoch,
+        seq: header.seq,
+    };
+    header
+        .clients
+        .into_iter()
+        .for_each(|c| data.insert_client(c));
+    data.tombstones = header
+        .tombstones
+        .into_iter()
+        .map(|(key, seq)| (Text::from(key), seq))
+        .collect();
+    Ok(data)
 }
 
-/// Writes a snapshot atomically and returns its path.
+/// Writes a snapshot atomically, streaming it from the shared maps, and returns its path.
 pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<PathBuf> {
     let name = snapshot_name(data.pos.seq);
-    write_atomic(dir, &name, &encode(data))?;
+    write_atomic_with(dir, &name, |out| encode_to(data, out))?;
     Ok(dir.join(name))
 }
 
-/// Reads and verifies a snapshot file.
+/// Reads and verifies a snapshot file, streaming it.
 pub fn read(path: &Path) -> Result<SnapshotData, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    decode(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    decode_from(io::BufReader::with_capacity(READ_BUFFER_BYTES, file))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Removes every segment whose records are all covered by the snapshot at `seq` (first
@@ -218,7 +349,7 @@ pub fn read_page_at(
         if n == 0 || !line.ends_with('\n') {
             return Err(bad("no footer".into()));
         }
-        if line.starts_with("{\"type\":\"footer\"") {
+        if line.as_bytes().starts_with(FOOTER_PREFIX) {
             return Ok((header, items, true, offset));
         }
         if items.len() == max {
@@ -236,8 +367,9 @@ pub fn read_page_at(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::put;
+    use crate::store::tests::{put, rec};
     use crate::store::Store;
+    use walkv_shared::types::WriteOp;
 
     #[test]
     fn round_trip_and_corruption() {
@@ -250,8 +382,65 @@ mod tests {
         assert_eq!(decode(&bytes).unwrap(), data);
         let mut bad = bytes.clone();
         bad[bytes.len() / 2] ^= 0x02;
-        assert!(decode(&bad).is_err());
+        assert!(decode(&bad).unwrap_err().contains("checksum"));
         assert!(decode(&bytes[..bytes.len() - 3]).is_err());
+        let footer_start = bytes[..bytes.len() - 1]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .unwrap();
+        assert!(decode(&bytes[..footer_start + 1]).is_err(), "no footer");
+        let mut trailing = bytes.clone();
+        trailing.extend_from_slice(b"{}\n");
+        assert!(decode(&trailing).is_err(), "data after the footer");
+    }
+
+    /// The file format is a contract with older nodes and with `jq`: these exact bytes
+    /// were written by the encoder before it streamed from shared maps.
+    #[test]
+    fn format_is_unchanged() {
+        let golden = concat!(
+            r#"{"type":"header","seq":5,"epoch":1,"keys":2,"clients":[{"client":"c1","op_no":1,"outcome":{"outcome":"written","version":1}},{"client":"c2","op_no":1,"outcome":{"outcome":"written","version":2}},{"client":"c3","op_no":1,"outcome":{"outcome":"written","version":3}},{"client":"carol","op_no":10,"outcome":{"outcome":"version_mismatch","current":2}}],"tombstones":[["gone",4]]}"#,
+            "\n",
+            r#"{"key":"a","value":"é ✓","version":2}"#,
+            "\n",
+            r#"{"key":"b","value":"two \"quoted\"\nline","version":1}"#,
+            "\n",
+            r#"{"type":"footer","items":2,"crc":1096819748}"#,
+            "\n",
+        );
+        let mut s = Store::new();
+        s.apply(&put(1, "b", "two \"quoted\"\nline"));
+        s.apply(&put(2, "a", "é ✓"));
+        s.apply(&put(3, "gone", "x"));
+        s.apply(&rec(4, "carol", 9, WriteOp::Delete { key: "gone".into() }));
+        let cas = WriteOp::Cas {
+            key: "a".into(),
+            expected: Seq(1),
+            value: "no".into(),
+        };
+        s.apply(&rec(5, "carol", 10, cas));
+        let data = s.snapshot_data();
+        assert_eq!(String::from_utf8(encode(&data)).unwrap(), golden);
+        assert_eq!(decode(golden.as_bytes()).unwrap(), data);
+    }
+
+    #[test]
+    fn a_repeated_key_is_refused_even_with_a_valid_checksum() {
+        let mut s = Store::new();
+        s.apply(&put(1, "a", "1"));
+        s.apply(&put(2, "b", "2"));
+        let text = String::from_utf8(encode(&s.snapshot_data())).unwrap();
+        let body: String = text
+            .lines()
+            .take(3)
+            .map(|l| format!("{}\n", l.replace(r#""key":"b""#, r#""key":"a""#)))
+            .collect();
+        let footer = format!(
+            "{{\"type\":\"footer\",\"items\":2,\"crc\":{}}}\n",
+            crc32c::crc32c(body.as_bytes())
+        );
+        let e = decode(format!("{body}{footer}").as_bytes()).unwrap_err();
+        assert!(e.contains("distinct"), "{e}");
     }
 
     #[test]
@@ -262,6 +451,7 @@ mod tests {
             s.apply(&put(i, &format!("k{i:03}"), "v"));
         }
         let path = write(dir.path(), &s.snapshot_data()).unwrap();
+        assert_eq!(read(&path).unwrap(), s.snapshot_data());
         let mut after: Option<String> = None;
         let mut seen = Vec::new();
         loop {
@@ -273,7 +463,7 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(seen, s.snapshot_data().items);
+        assert_eq!(seen, s.scan("", usize::MAX));
 
         // Resuming at the returned offset gives the same pages; a stale offset (from the
         // start) still skips what was already sent.

@@ -5,22 +5,37 @@
 //! exactly the state it had, and every replica computes the same [`Outcome`] for the same
 //! log (see docs/DESIGN.md, "Records and state machine").
 //!
+//! # Representation
+//!
+//! The key map, the exactly-once table and the tombstones are persistent ordered maps
+//! (`imbl::OrdMap`: a B+tree whose nodes are reference counted). Cloning one is O(1): the
+//! clone shares every node, and a later write copies only the nodes on its own path. So
+//! [`Store::snapshot_data`] costs the writer three reference counts, whatever the number
+//! of keys, and the snapshot thread serialises that frozen view while writes go on.
+//! Keys, values and client ids are [`Text`] (`Arc<str>`): no spare capacity, and a copied
+//! node clones them by bumping a count instead of copying the bytes.
+//!
 //! Invariants:
 //! - `pos.seq` is the seq of the last applied record; `apply` asserts that each record is
 //!   exactly `pos.seq + 1` (the WAL checks this too, before writing and after reading).
+//! - A [`SnapshotData`] from `snapshot_data` is the state after exactly its `pos` and never
+//!   changes afterwards: later writes copy the nodes they touch instead of mutating shared
+//!   ones.
 //! - `tail` holds every record after `snapshot_pos.seq`, in order, with the outcome it had,
 //!   so `fetch` can serve catch-up without touching disk; older records answer
-//!   `SnapshotNeeded`.
+//!   `SnapshotNeeded`. Its strings are shared with the maps, not copied.
 //! - The exactly-once table `clients` is part of the state (and of snapshots and digests).
 //! - Tombstones remember the seq of a key's last delete so a read can report `last_touch`;
 //!   they are dropped once the frontend's commit index passes them.
 //!
 //! No IO happens here.
 
-use std::collections::{BTreeMap, VecDeque};
+use imbl::OrdMap;
+use std::collections::VecDeque;
+use std::sync::Arc;
 use walkv_shared::rpc::{ClientEntry, Digest, FetchReply};
 use walkv_shared::types::{KeyValue, LogPosition, Outcome, Versioned, WriteOp};
-use walkv_shared::{Record, Seq};
+use walkv_shared::{Epoch, Record, Seq};
 
 /// Most key and value bytes one `fetch` page carries (plus one record), keeping a page well
 /// below the default 8 MiB frame limit even with JSON escaping.
@@ -36,28 +51,226 @@ pub fn record_bytes(r: &Record) -> usize {
         }
 }
 
-/// A full copy of the state at one log position, as written to and read from a snapshot.
+/// Keys per window of [`KeyMapBuilder`]: enough that the one half-full leaf per window
+/// does not matter, small enough to stay in cache.
+const BUILD_WINDOW: usize = 1024;
+
+/// An immutable, shared string: a stored key, value or client id.
+pub type Text = Arc<str>;
+
+/// Every key with its value and the seq of the write that produced it, in key order.
+pub type KeyMap = OrdMap<Text, (Text, Seq)>;
+
+/// The exactly-once table: client id to its last op number and that op's outcome.
+pub type ClientMap = OrdMap<Text, (u64, Outcome)>;
+
+/// Delete tombstones not yet known to be committed: key to the seq of the delete.
+pub type TombstoneMap = OrdMap<Text, Seq>;
+
+/// The whole state at one log position, as written to and read from a snapshot. Its maps
+/// share structure with the store it was taken from, so it is cheap to take and to clone.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SnapshotData {
     /// The last record the snapshot covers.
     pub pos: LogPosition,
-    /// Every key in key order.
-    pub items: Vec<KeyValue>,
+    /// Every key, in key order.
+    pub items: KeyMap,
     /// The exactly-once table.
-    pub clients: Vec<ClientEntry>,
-    /// Delete tombstones not yet known to be committed: (key, seq of the delete).
-    pub tombstones: Vec<(String, Seq)>,
+    pub clients: ClientMap,
+    /// Delete tombstones not yet known to be committed.
+    pub tombstones: TombstoneMap,
+}
+
+impl SnapshotData {
+    /// Adds one key (snapshot loading and `install_snapshot`).
+    pub fn insert_item(&mut self, key: &str, value: &str, version: Seq) {
+        self.items.insert(key.into(), (value.into(), version));
+    }
+
+    /// Adds one entry of the exactly-once table.
+    pub fn insert_client(&mut self, c: ClientEntry) {
+        self.clients
+            .insert(c.client.as_str().into(), (c.op_no, c.outcome));
+    }
+
+    /// The exactly-once table as sent over the wire, in client order.
+    pub fn client_entries(&self) -> impl Iterator<Item = ClientEntry> + '_ {
+        self.clients
+            .iter()
+            .map(|(c, (op_no, outcome))| ClientEntry {
+                client: c.to_string(),
+                op_no: *op_no,
+                outcome: outcome.clone(),
+            })
+    }
+}
+
+/// A record as the tail keeps it. Its strings are the ones the maps hold, shared rather
+/// than copied, so the records since the newest snapshot cost little more than their
+/// fixed-size fields, and applying a record copies none of it.
+#[derive(Clone, Debug)]
+struct Applied {
+    seq: Seq,
+    epoch: Epoch,
+    client: Text,
+    op_no: u64,
+    op: AppliedOp,
+    outcome: Outcome,
+}
+
+/// [`WriteOp`] with shared strings.
+#[derive(Clone, Debug)]
+enum AppliedOp {
+    Put {
+        key: Text,
+        value: Text,
+    },
+    Delete {
+        key: Text,
+    },
+    Cas {
+        key: Text,
+        expected: Seq,
+        value: Text,
+    },
+}
+
+impl AppliedOp {
+    /// `op` with strings of its own: for records that change no state (retries, stale ops).
+    fn copied(op: &WriteOp) -> AppliedOp {
+        match op {
+            WriteOp::Put { key, value } => AppliedOp::Put {
+                key: key.as_str().into(),
+                value: value.as_str().into(),
+            },
+            WriteOp::Delete { key } => AppliedOp::Delete {
+                key: key.as_str().into(),
+            },
+            WriteOp::Cas {
+                key,
+                expected,
+                value,
+            } => AppliedOp::Cas {
+                key: key.as_str().into(),
+                expected: *expected,
+                value: value.as_str().into(),
+            },
+        }
+    }
+}
+
+impl Applied {
+    /// The record as it was appended (for `fetch`).
+    fn record(&self) -> Record {
+        let op = match &self.op {
+            AppliedOp::Put { key, value } => WriteOp::Put {
+                key: key.to_string(),
+                value: value.to_string(),
+            },
+            AppliedOp::Delete { key } => WriteOp::Delete {
+                key: key.to_string(),
+            },
+            AppliedOp::Cas {
+                key,
+                expected,
+                value,
+            } => WriteOp::Cas {
+                key: key.to_string(),
+                expected: *expected,
+                value: value.to_string(),
+            },
+        };
+        Record {
+            seq: self.seq,
+            epoch: self.epoch,
+            client: self.client.to_string(),
+            op_no: self.op_no,
+            op,
+        }
+    }
+
+    /// [`record_bytes`] of [`Applied::record`], without building it.
+    fn bytes(&self) -> usize {
+        self.client.len()
+            + match &self.op {
+                AppliedOp::Put { key, value } | AppliedOp::Cas { key, value, .. } => {
+                    key.len() + value.len()
+                }
+                AppliedOp::Delete { key } => key.len(),
+            }
+    }
+}
+
+/// Builds a [`KeyMap`] from keys that arrive in ascending order (a snapshot file).
+///
+/// Inserting ascending keys one at a time leaves the B-tree's leaves half empty: a full
+/// leaf splits in two and no later key lands in its left half, so 8 of imbl's 16 slots
+/// stay used (about 45 B more per key). The builder inserts each window of 1024 keys
+/// (`BUILD_WINDOW`) as its even-numbered keys first, then its odd-numbered ones,
+/// which land in the gaps the first pass left: leaves end up about 98% full. The map's
+/// content does not depend on the order; only its layout does.
+#[derive(Debug, Default)]
+pub struct KeyMapBuilder {
+    map: KeyMap,
+    evens: Vec<(Text, (Text, Seq))>,
+    odds: Vec<(Text, (Text, Seq))>,
+}
+
+impl KeyMapBuilder {
+    /// Adds the next key (ascending order keeps the leaves full; any order is correct).
+    pub fn push(&mut self, key: &str, value: &str, version: Seq) {
+        let entry = (Text::from(key), (Text::from(value), version));
+        if self.evens.len() == self.odds.len() {
+            self.evens.push(entry);
+        } else {
+            self.odds.push(entry);
+        }
+        if self.evens.len() + self.odds.len() == BUILD_WINDOW {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        for (key, value) in self.evens.drain(..).chain(self.odds.drain(..)) {
+            self.map.insert(key, value);
+        }
+    }
+
+    /// The map of every key pushed.
+    pub fn finish(mut self) -> KeyMap {
+        self.flush();
+        self.map
+    }
+}
+
+/// Records [`Store::compacted`] took out of the tail. Freeing a snapshot's worth of them
+/// (100k by default) takes milliseconds, so the snapshot thread drops this after releasing
+/// the store lock instead of stalling the writer and every read.
+#[derive(Debug)]
+#[must_use = "drop it after releasing the store lock"]
+pub struct Compacted(VecDeque<Applied>);
+
+impl Compacted {
+    /// Number of records removed.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no record was removed.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// The key-value map plus everything `apply` needs to be deterministic.
 #[derive(Debug, Default)]
 pub struct Store {
-    map: BTreeMap<String, (String, Seq)>,
-    clients: BTreeMap<String, (u64, Outcome)>,
-    tombstones: BTreeMap<String, Seq>,
+    map: KeyMap,
+    clients: ClientMap,
+    tombstones: TombstoneMap,
     pos: LogPosition,
     snapshot_pos: LogPosition,
-    tail: VecDeque<(Record, Outcome)>,
+    tail: VecDeque<Applied>,
 }
 
 impl Store {
@@ -66,20 +279,12 @@ impl Store {
         Store::default()
     }
 
-    /// A store holding exactly the state of a snapshot.
+    /// A store holding exactly the state of a snapshot (O(1): the maps are shared).
     pub fn from_snapshot(data: SnapshotData) -> Store {
         Store {
-            map: data
-                .items
-                .into_iter()
-                .map(|kv| (kv.key, (kv.value, kv.version)))
-                .collect(),
-            clients: data
-                .clients
-                .into_iter()
-                .map(|c| (c.client, (c.op_no, c.outcome)))
-                .collect(),
-            tombstones: data.tombstones.into_iter().collect(),
+            map: data.items,
+            clients: data.clients,
+            tombstones: data.tombstones,
             pos: data.pos,
             snapshot_pos: data.pos,
             tail: VecDeque::new(),
@@ -93,35 +298,57 @@ impl Store {
             self.pos.seq.next(),
             "records must be applied in seq order without gaps"
         );
-        let outcome = match self.clients.get(&r.client) {
-            Some((last, outcome)) if r.op_no == *last => outcome.clone(),
-            Some((last, _)) if r.op_no < *last => Outcome::StaleOp { last_op_no: *last },
+        let (client, last) = match self.clients.get_key_value(r.client.as_str()) {
+            Some((id, (last, outcome))) => (id.clone(), Some((*last, outcome.clone()))),
+            None => (Text::from(r.client.as_str()), None),
+        };
+        let (outcome, op) = match last {
+            Some((last, outcome)) if r.op_no == last => (outcome, AppliedOp::copied(&r.op)),
+            Some((last, _)) if r.op_no < last => (
+                Outcome::StaleOp { last_op_no: last },
+                AppliedOp::copied(&r.op),
+            ),
             _ => {
-                let outcome = self.evaluate(r);
-                self.clients
-                    .insert(r.client.clone(), (r.op_no, outcome.clone()));
-                outcome
+                let (outcome, op) = self.evaluate(r);
+                let entry = (r.op_no, outcome.clone());
+                match self.clients.get_mut(&*client) {
+                    Some(slot) => *slot = entry,
+                    None => {
+                        self.clients.insert(client.clone(), entry);
+                    }
+                }
+                (outcome, op)
             }
         };
         self.pos = LogPosition {
             epoch: r.epoch,
             seq: r.seq,
         };
-        self.tail.push_back((r.clone(), outcome.clone()));
+        self.tail.push_back(Applied {
+            seq: r.seq,
+            epoch: r.epoch,
+            client,
+            op_no: r.op_no,
+            op,
+            outcome: outcome.clone(),
+        });
         outcome
     }
 
-    fn evaluate(&mut self, r: &Record) -> Outcome {
+    /// Evaluates an operation that is not a retry: its outcome, and the operation with the
+    /// strings the maps now hold.
+    fn evaluate(&mut self, r: &Record) -> (Outcome, AppliedOp) {
+        let written = Outcome::Written { version: r.seq };
         match &r.op {
             WriteOp::Put { key, value } => {
-                self.map.insert(key.clone(), (value.clone(), r.seq));
-                Outcome::Written { version: r.seq }
+                let (key, value) = self.set(key, value, r.seq);
+                (written, AppliedOp::Put { key, value })
             }
-            WriteOp::Delete { key } => match self.map.remove(key) {
-                None => Outcome::NotFound,
-                Some(_) => {
+            WriteOp::Delete { key } => match self.map.remove_with_key(key.as_str()) {
+                None => (Outcome::NotFound, AppliedOp::copied(&r.op)),
+                Some((key, _)) => {
                     self.tombstones.insert(key.clone(), r.seq);
-                    Outcome::Written { version: r.seq }
+                    (written, AppliedOp::Delete { key })
                 }
             },
             WriteOp::Cas {
@@ -129,13 +356,43 @@ impl Store {
                 expected,
                 value,
             } => {
-                let current = self.map.get(key).map(|(_, v)| *v).unwrap_or_default();
+                let current = self
+                    .map
+                    .get(key.as_str())
+                    .map(|(_, v)| *v)
+                    .unwrap_or_default();
                 if current != *expected {
-                    Outcome::VersionMismatch { current }
-                } else {
-                    self.map.insert(key.clone(), (value.clone(), r.seq));
-                    Outcome::Written { version: r.seq }
+                    return (
+                        Outcome::VersionMismatch { current },
+                        AppliedOp::copied(&r.op),
+                    );
                 }
+                let (key, value) = self.set(key, value, r.seq);
+                let expected = *expected;
+                (
+                    written,
+                    AppliedOp::Cas {
+                        key,
+                        expected,
+                        value,
+                    },
+                )
+            }
+        }
+    }
+
+    /// Sets `key` to `value` and returns the strings stored; an existing key keeps its own.
+    fn set(&mut self, key: &str, value: &str, seq: Seq) -> (Text, Text) {
+        let value = Text::from(value);
+        match self.map.get_key_value_mut(key) {
+            Some((key, slot)) => {
+                *slot = (value.clone(), seq);
+                (key.clone(), value)
+            }
+            None => {
+                let key = Text::from(key);
+                self.map.insert(key.clone(), (value.clone(), seq));
+                (key, value)
             }
         }
     }
@@ -144,11 +401,11 @@ impl Store {
     /// Records older than the newest snapshot fall back to the exactly-once table.
     pub fn outcome_of(&self, r: &Record) -> Outcome {
         if let Some(first) = self.tail.front() {
-            if r.seq >= first.0.seq && r.seq <= self.pos.seq {
-                return self.tail[(r.seq.0 - first.0.seq.0) as usize].1.clone();
+            if r.seq >= first.seq && r.seq <= self.pos.seq {
+                return self.tail[(r.seq.0 - first.seq.0) as usize].outcome.clone();
             }
         }
-        match self.clients.get(&r.client) {
+        match self.clients.get(r.client.as_str()) {
             Some((last, outcome)) if *last == r.op_no => outcome.clone(),
             Some((last, _)) => Outcome::StaleOp { last_op_no: *last },
             None => Outcome::StaleOp { last_op_no: 0 },
@@ -157,7 +414,16 @@ impl Store {
 
     /// Forgets tombstones at or below the frontend's commit index.
     pub fn forget_tombstones(&mut self, commit: Seq) {
-        self.tombstones.retain(|_, seq| *seq > commit);
+        // OrdMap has no `retain`; the table is small (deletes not yet committed).
+        let committed: Vec<Text> = self
+            .tombstones
+            .iter()
+            .filter(|(_, seq)| **seq <= commit)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in committed {
+            self.tombstones.remove(&key);
+        }
     }
 
     /// The value of `key` and the seq of the newest record known to have touched it.
@@ -165,7 +431,7 @@ impl Store {
         match self.map.get(key) {
             Some((value, version)) => (
                 Some(Versioned {
-                    value: value.clone(),
+                    value: value.to_string(),
                     version: *version,
                 }),
                 *version,
@@ -176,13 +442,14 @@ impl Store {
 
     /// Keys starting with `prefix`, in order, at most `limit`.
     pub fn scan(&self, prefix: &str, limit: usize) -> Vec<KeyValue> {
+        use std::ops::Bound;
         self.map
-            .range(prefix.to_string()..)
+            .range::<_, str>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
             .take(limit)
             .map(|(k, (v, ver))| KeyValue {
-                key: k.clone(),
-                value: v.clone(),
+                key: k.to_string(),
+                value: v.to_string(),
                 version: *ver,
             })
             .collect()
@@ -196,7 +463,7 @@ impl Store {
                 keys: self.map.len() as u64,
             };
         }
-        let Some(first) = self.tail.front().map(|(r, _)| r.seq) else {
+        let Some(first) = self.tail.front().map(|a| a.seq) else {
             return FetchReply::Records(Vec::new());
         };
         let skip = from.0.saturating_sub(first.0) as usize;
@@ -208,47 +475,42 @@ impl Store {
             .iter()
             .skip(skip)
             .take(max)
-            .take_while(|(r, _)| {
-                let fits = bytes == 0 || bytes + record_bytes(r) <= FETCH_MAX_BYTES;
-                bytes += record_bytes(r);
+            .take_while(|a| {
+                let fits = bytes == 0 || bytes + a.bytes() <= FETCH_MAX_BYTES;
+                bytes += a.bytes();
                 fits
             })
-            .map(|(r, _)| r.clone())
+            .map(Applied::record)
             .collect();
         FetchReply::Records(records)
     }
 
     /// Marks the snapshot at `pos` durable: records up to it are no longer kept in memory.
-    pub fn compacted(&mut self, pos: LogPosition) {
-        while self.tail.front().is_some_and(|(r, _)| r.seq <= pos.seq) {
-            self.tail.pop_front();
-        }
+    /// They are returned, to be dropped after the store lock is released.
+    pub fn compacted(&mut self, pos: LogPosition) -> Compacted {
+        // Tail seqs are consecutive, so the records to drop are a counted prefix.
+        let n = self
+            .tail
+            .front()
+            .map_or(0, |a| (pos.seq.0 + 1).saturating_sub(a.seq.0) as usize)
+            .min(self.tail.len());
+        // Copy the (shorter) rest into a buffer as large as the old one, so the tail does
+        // not regrow by doubling, each time copying itself under the store lock.
+        let mut kept = VecDeque::with_capacity(self.tail.capacity());
+        kept.extend(self.tail.drain(n..));
         self.snapshot_pos = pos;
+        Compacted(std::mem::replace(&mut self.tail, kept))
     }
 
-    /// A copy of the whole state at the current position (taken for a snapshot).
+    /// The whole state at the current position, for a snapshot: O(1), whatever the number
+    /// of keys, because the maps are shared, not copied (see the module docs).
     pub fn snapshot_data(&self) -> SnapshotData {
         SnapshotData {
             pos: self.pos,
-            items: self.scan("", usize::MAX),
-            clients: self.client_entries(),
-            tombstones: self
-                .tombstones
-                .iter()
-                .map(|(k, s)| (k.clone(), *s))
-                .collect(),
+            items: self.map.clone(),
+            clients: self.clients.clone(),
+            tombstones: self.tombstones.clone(),
         }
-    }
-
-    fn client_entries(&self) -> Vec<ClientEntry> {
-        self.clients
-            .iter()
-            .map(|(c, (op_no, outcome))| ClientEntry {
-                client: c.clone(),
-                op_no: *op_no,
-                outcome: outcome.clone(),
-            })
-            .collect()
     }
 
     /// Position of the last applied record.
@@ -432,6 +694,266 @@ pub(crate) mod tests {
         );
     }
 
+    /// A mix of puts, deletes, cas and retries over few keys and clients, so later
+    /// records overwrite, delete and re-create keys that earlier views hold.
+    fn mixed(seq: u64) -> Record {
+        let key = format!("k{:04}", seq * 7919 % 700);
+        let op = match seq % 5 {
+            0 => WriteOp::Delete { key },
+            1 => WriteOp::Cas {
+                key,
+                expected: Seq(seq * 31 % 7),
+                value: format!("cas{seq}"),
+            },
+            _ => WriteOp::Put {
+                key,
+                value: format!("v{seq}"),
+            },
+        };
+        // Every 11th record re-sends the client's previous op number (a retry).
+        let op_no = seq / 13 + 1 - u64::from(seq.is_multiple_of(11) && seq > 13);
+        rec(seq, &format!("c{}", seq % 13), op_no, op)
+    }
+
+    fn apply_mixed(s: &mut Store, seq: u64) {
+        s.apply(&mixed(seq));
+        s.forget_tombstones(Seq(seq.saturating_sub(40)));
+    }
+
+    #[test]
+    fn snapshot_data_is_exactly_the_state_at_its_position() {
+        let mut live = Store::new();
+        let mut views = Vec::new();
+        for seq in 1..=4000 {
+            apply_mixed(&mut live, seq);
+            if seq % 700 == 0 {
+                let view = live.snapshot_data();
+                let bytes = crate::snapshot::encode(&view);
+                views.push((view, bytes));
+            }
+        }
+        assert!(live.len() > 300, "the maps must span many B-tree nodes");
+        for (view, bytes) in views {
+            let mut replay = Store::new();
+            (1..=view.pos.seq.0).for_each(|seq| apply_mixed(&mut replay, seq));
+            assert_eq!(view.pos, replay.pos());
+            assert_eq!(
+                view,
+                replay.snapshot_data(),
+                "writes after seq {} leaked into its snapshot",
+                view.pos.seq
+            );
+            assert_eq!(
+                crate::snapshot::encode(&view),
+                bytes,
+                "the view changed after it was taken"
+            );
+            assert_eq!(Store::from_snapshot(view).digest(), replay.digest());
+        }
+    }
+
+    #[test]
+    fn fetch_returns_the_records_as_appended() {
+        let mut s = Store::new();
+        let records: Vec<Record> = (1..=600).map(mixed).collect();
+        for r in &records {
+            s.apply(r);
+        }
+        let FetchReply::Records(fetched) = s.fetch(Seq(1), 10_000) else {
+            panic!("records expected")
+        };
+        assert_eq!(
+            fetched, records,
+            "puts, deletes, cas, retries and stale ops"
+        );
+        let sizes: Vec<usize> = s.tail.iter().map(Applied::bytes).collect();
+        assert_eq!(sizes, records.iter().map(record_bytes).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn key_map_builder_holds_exactly_what_was_pushed() {
+        for n in [0, 1, 2, 1023, 1024, 1025, 5000] {
+            let mut built = KeyMapBuilder::default();
+            let mut inserted = KeyMap::new();
+            for i in 0..n {
+                // Ascending, except that every 97th key comes out of order.
+                let k = if i % 97 == 5 {
+                    format!("z{i:05}")
+                } else {
+                    format!("k{i:05}")
+                };
+                built.push(&k, &format!("v{i}"), Seq(i));
+                inserted.insert(k.as_str().into(), (format!("v{i}").into(), Seq(i)));
+            }
+            assert_eq!(built.finish(), inserted, "{n} keys");
+        }
+    }
+
+    #[test]
+    fn writes_after_a_snapshot_do_not_reach_it() {
+        let mut s = Store::new();
+        s.apply(&put(1, "a", "1"));
+        s.apply(&put(2, "b", "2"));
+        s.apply(&rec(3, "d", 1, WriteOp::Delete { key: "b".into() }));
+        let view = s.snapshot_data();
+        s.apply(&put(4, "a", "changed"));
+        s.apply(&put(5, "c", "new"));
+        s.apply(&rec(6, "d", 2, WriteOp::Delete { key: "a".into() }));
+        s.forget_tombstones(Seq(6));
+        assert_eq!(view.pos.seq, Seq(3));
+        let items: Vec<_> = view
+            .items
+            .iter()
+            .map(|(k, (v, ver))| (k.to_string(), v.to_string(), *ver))
+            .collect();
+        assert_eq!(items, vec![("a".into(), "1".into(), Seq(1))]);
+        assert_eq!(view.tombstones.get("b"), Some(&Seq(3)));
+        assert_eq!(view.clients.len(), 3, "c4 and c5 came later");
+        assert_eq!(
+            view.clients.get("d"),
+            Some(&(1, Outcome::Written { version: Seq(3) }))
+        );
+        assert_eq!(s.get("a"), (None, Seq(0)));
+        assert_eq!(s.len(), 1);
+    }
+
+    /// RSS per key of 1M keys (16-byte keys in random order, 100-byte values) in the
+    /// layouts the store could use. Meaningful only in release and one per process:
+    /// `cargo test --release -p walkv-storage --lib -- --ignored --exact --nocapture
+    /// store::tests::memory_ordmap_arc`.
+    mod memory {
+        use super::*;
+        use crate::tools::{bench_key, rss_bytes};
+        use std::collections::BTreeMap;
+
+        const KEYS: u64 = 1_000_000;
+        const VALUE: &str = concat!(
+            "0123456789012345678901234567890123456789012345678901234567890123456789",
+            "012345678901234567890123456789"
+        );
+
+        /// Builds a map from `keys` (made before the measurement starts) and prints the RSS
+        /// it added per key.
+        fn measure<M>(what: &str, keys: &[String], build: impl FnOnce(&[String]) -> M) {
+            assert_eq!(VALUE.len(), 100);
+            let before = rss_bytes();
+            let map = build(keys);
+            let per_key = rss_bytes().saturating_sub(before) as f64 / keys.len() as f64;
+            println!("{what}: {per_key:.0} B of RSS per key");
+            drop(map);
+        }
+
+        fn random_keys() -> Vec<String> {
+            (1..=KEYS).map(bench_key).collect()
+        }
+
+        #[test]
+        #[ignore = "measurement: run alone, in release"]
+        fn memory_btreemap_string() {
+            measure("BTreeMap<String, (String, Seq)>", &random_keys(), |keys| {
+                let mut m = BTreeMap::new();
+                for (i, k) in keys.iter().enumerate() {
+                    m.insert(k.clone(), (VALUE.to_string(), Seq(i as u64)));
+                }
+                m
+            });
+        }
+
+        #[test]
+        #[ignore = "measurement: run alone, in release"]
+        fn memory_btreemap_box() {
+            measure(
+                "BTreeMap<Box<str>, (Box<str>, Seq)>",
+                &random_keys(),
+                |keys| {
+                    let mut m = BTreeMap::new();
+                    for (i, k) in keys.iter().enumerate() {
+                        m.insert(
+                            Box::<str>::from(k.as_str()),
+                            (Box::<str>::from(VALUE), Seq(i as u64)),
+                        );
+                    }
+                    m
+                },
+            );
+        }
+
+        #[test]
+        #[ignore = "measurement: run alone, in release"]
+        fn memory_ordmap_arc() {
+            measure(
+                "OrdMap<Arc<str>, (Arc<str>, Seq)>",
+                &random_keys(),
+                |keys| {
+                    let mut m = KeyMap::new();
+                    for (i, k) in keys.iter().enumerate() {
+                        m.insert(Text::from(k.as_str()), (Text::from(VALUE), Seq(i as u64)));
+                    }
+                    m
+                },
+            );
+        }
+
+        #[test]
+        #[ignore = "measurement: run alone, in release"]
+        fn memory_ordmap_arc_sorted() {
+            let mut keys = random_keys();
+            keys.sort();
+            measure(
+                "OrdMap<Arc<str>, ..> inserted in key order",
+                &keys,
+                |keys| {
+                    let mut data = SnapshotData::default();
+                    for (i, k) in keys.iter().enumerate() {
+                        data.insert_item(k, VALUE, Seq(i as u64));
+                    }
+                    data
+                },
+            );
+        }
+
+        #[test]
+        #[ignore = "measurement: run alone, in release"]
+        fn memory_ordmap_arc_built() {
+            let mut keys = random_keys();
+            keys.sort();
+            measure("OrdMap<Arc<str>, ..> from KeyMapBuilder", &keys, |keys| {
+                let mut b = KeyMapBuilder::default();
+                for (i, k) in keys.iter().enumerate() {
+                    b.push(k, VALUE, Seq(i as u64));
+                }
+                b.finish()
+            });
+        }
+
+        /// The store as a node holds it just before a snapshot: with `snapshot_every`
+        /// (100k) records in the tail.
+        #[test]
+        #[ignore = "measurement: run alone, in release"]
+        fn memory_store() {
+            measure(
+                "Store through apply, 100k records in the tail",
+                &random_keys(),
+                |keys| {
+                    let mut s = Store::new();
+                    for (i, k) in keys.iter().enumerate() {
+                        let seq = i as u64 + 1;
+                        let op = WriteOp::Put {
+                            key: k.clone(),
+                            value: VALUE.into(),
+                        };
+                        s.apply(&rec(seq, "bench", seq, op));
+                        if seq.is_multiple_of(100_000) && seq < KEYS {
+                            drop(s.compacted(s.pos()));
+                        }
+                    }
+                    assert_eq!(s.since_snapshot(), 100_000);
+                    s
+                },
+            );
+        }
+    }
+
     #[test]
     #[should_panic(expected = "seq order")]
     fn gap_is_a_broken_invariant() {
@@ -472,10 +994,11 @@ pub(crate) mod tests {
             panic!("records expected")
         };
         assert_eq!(r.iter().map(|r| r.seq.0).collect::<Vec<_>>(), vec![4, 5, 6]);
-        s.compacted(LogPosition {
+        let dropped = s.compacted(LogPosition {
             epoch: Epoch(1),
             seq: Seq(6),
         });
+        assert_eq!(dropped.len(), 6);
         assert!(matches!(
             s.fetch(Seq(6), 3),
             FetchReply::SnapshotNeeded {

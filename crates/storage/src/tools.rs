@@ -1,4 +1,4 @@
-//! Offline tools behind `storage wal verify|dump|bench`.
+//! Offline tools behind `storage wal verify|dump|bench|store-bench`.
 //!
 //! - `verify` reads a data directory without changing it and checks the snapshot
 //!   checksum, every record checksum and seq continuity; a torn last line is reported but
@@ -6,6 +6,9 @@
 //! - `dump` prints the snapshot header and every record as JSON lines for `jq`.
 //! - `bench` drives the WAL writer in-process with N concurrent writers (fsync on) and
 //!   reports appends/s and latency percentiles: a benchmark, never a test.
+//! - `store-bench` loads N keys into an in-memory [`Store`] and reports RSS per key, how
+//!   long the writer stalls to take a snapshot, `apply` latency with and without a
+//!   snapshot alive, and recovery time from it: also a benchmark.
 
 use crate::store::Store;
 use crate::wal::writer::{read_epoch, NodeState, WalWriter, WriterConfig};
@@ -108,6 +111,12 @@ pub struct BenchReport {
     pub p50_us: u64,
     /// 99th percentile latency, µs.
     pub p99_us: u64,
+    /// 99.9th percentile latency, µs.
+    pub p999_us: u64,
+    /// Slowest append, µs.
+    pub max_us: u64,
+    /// Keys written (the key space the appends cycle through).
+    pub keys: u64,
 }
 
 impl std::fmt::Display for BenchReport {
@@ -115,12 +124,15 @@ impl std::fmt::Display for BenchReport {
         let secs = self.elapsed.as_secs_f64();
         write!(
             f,
-            "{} appends in {:.2}s: {:.0} appends/s, p50 {} us, p99 {} us, {} fsyncs ({:.1} appends per fsync)",
+            "{} appends over {} keys in {:.2}s: {:.0} appends/s, p50 {} us, p99 {} us, p99.9 {} us, max {} us, {} fsyncs ({:.1} appends per fsync)",
             self.appends,
+            self.keys,
             secs,
             self.appends as f64 / secs,
             self.p50_us,
             self.p99_us,
+            self.p999_us,
+            self.max_us,
             self.fsyncs,
             self.appends as f64 / self.fsyncs.max(1) as f64
         )
@@ -128,12 +140,16 @@ impl std::fmt::Display for BenchReport {
 }
 
 /// Appends `records` single-record appends from `writers` concurrent tasks to a WAL in
-/// `dir` (fsync on, no snapshots) and measures throughput and latency.
+/// `dir` (fsync on) and measures throughput and latency. The puts cycle through `keys`
+/// keys (16 bytes, random order); with `snapshot_every`, the writer snapshots as a node
+/// does, so the latency shows what a snapshot costs the write path at that many keys.
 pub async fn bench(
     dir: &Path,
     writers: usize,
     records: u64,
     value_size: usize,
+    keys: u64,
+    snapshot_every: Option<u64>,
 ) -> Result<BenchReport, String> {
     let _lock = crate::lock_data_dir(dir).map_err(|e| e.to_string())?;
     let r = recover(dir, true, false).map_err(|e| e.to_string())?;
@@ -146,9 +162,10 @@ pub async fn bench(
     let epoch = Epoch(state.highest_epoch.load(Ordering::SeqCst).max(1));
     let cfg = WriterConfig {
         batch_max: 1024,
-        snapshot_every: u64::MAX,
+        snapshot_every: snapshot_every.unwrap_or(u64::MAX),
         fsync: true,
     };
+    let keys = keys.max(1);
     let (writer, thread) =
         WalWriter::start(state.clone(), r.wal, cfg).map_err(|e| e.to_string())?;
     // The lock hands out seqs in queue order: the writer refuses gaps.
@@ -170,7 +187,7 @@ pub async fn bench(
                     }
                     *seq += 1;
                     let op = Op::Put {
-                        key: format!("bench-{}", *seq % 100_000),
+                        key: bench_key(*seq % keys),
                         value: value.clone(),
                     };
                     let rec = Record {
@@ -208,5 +225,274 @@ pub async fn bench(
         fsyncs: state.wal_batches.load(Ordering::Relaxed),
         p50_us: hist.value_at_quantile(0.5),
         p99_us: hist.value_at_quantile(0.99),
+        p999_us: hist.value_at_quantile(0.999),
+        max_us: hist.max(),
+        keys: keys.min(records),
     })
+}
+
+/// Records between the simulated snapshots of `store-bench`'s load phase: the default
+/// `snapshot_every`, so the tail holds what a running node's would.
+const STORE_BENCH_SNAPSHOT_EVERY: u64 = 100_000;
+
+/// Latency of a run of `Store::apply` calls, ns.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyLatency {
+    /// Median.
+    pub p50_ns: u64,
+    /// 99.9th percentile.
+    pub p999_ns: u64,
+    /// Slowest.
+    pub max_ns: u64,
+    /// Mean.
+    pub mean_ns: u64,
+}
+
+impl std::fmt::Display for ApplyLatency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "mean {} ns, p50 {} ns, p99.9 {} ns, max {} ns",
+            self.mean_ns, self.p50_ns, self.p999_ns, self.max_ns
+        )
+    }
+}
+
+/// Results of `storage wal store-bench`.
+#[derive(Debug, Clone)]
+pub struct StoreBenchReport {
+    /// Keys loaded.
+    pub keys: u64,
+    /// Bytes per value.
+    pub value_size: usize,
+    /// Time to apply the `keys` puts (snapshots simulated by compacting the tail).
+    pub load: Duration,
+    /// Resident set size growth per key after the load, bytes.
+    pub rss_per_key: f64,
+    /// Time the writer spends taking the snapshot (with the store lock held).
+    pub snapshot_take: Duration,
+    /// Overwrites of existing keys applied while the snapshot was alive, then again after.
+    pub updates: u64,
+    /// `Store::apply` while the snapshot is alive (a write may have to copy shared nodes).
+    pub apply_during: ApplyLatency,
+    /// RSS growth while those updates ran with the snapshot alive, bytes.
+    pub rss_during: u64,
+    /// `Store::apply` with no snapshot alive.
+    pub apply_after: ApplyLatency,
+    /// Time to write the snapshot file (the snapshot thread's work; no store lock).
+    pub snapshot_write: Duration,
+    /// Time to recover (load the snapshot, replay `updates` WAL records).
+    pub recover: Duration,
+    /// Resident set size after recovery, minus the size before the load, per key.
+    pub rss_per_key_recovered: f64,
+}
+
+impl std::fmt::Display for StoreBenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        writeln!(
+            f,
+            "{} keys ({}-byte values) loaded in {:.2}s: RSS {:.0} B/key",
+            self.keys,
+            self.value_size,
+            self.load.as_secs_f64(),
+            self.rss_per_key
+        )?;
+        writeln!(
+            f,
+            "snapshot: taken in {} us (writer stalled), written in {} ms",
+            self.snapshot_take.as_micros(),
+            self.snapshot_write.as_millis()
+        )?;
+        writeln!(
+            f,
+            "{} applies with the snapshot alive: {}; RSS +{:.1} MiB",
+            self.updates,
+            self.apply_during,
+            mib(self.rss_during)
+        )?;
+        writeln!(
+            f,
+            "{} applies with no snapshot alive: {}",
+            self.updates, self.apply_after
+        )?;
+        write!(
+            f,
+            "recovery (snapshot + {} WAL records): {} ms, RSS {:.0} B/key after it",
+            self.updates,
+            self.recover.as_millis(),
+            self.rss_per_key_recovered
+        )
+    }
+}
+
+/// The resident set size of this process in bytes (`VmRSS`; 0 where /proc is missing).
+pub(crate) fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Key number `i` of the bench: 16 hex digits of a bijective mix of `i` (splitmix64's
+/// finaliser), so keys are distinct and arrive in random order, as real keys would.
+pub(crate) fn bench_key(i: u64) -> String {
+    let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    format!("{:016x}", z ^ (z >> 31))
+}
+
+fn bench_put(seq: u64, key: String, value: &str) -> Record {
+    Record {
+        seq: Seq(seq),
+        epoch: Epoch(1),
+        client: "bench".into(),
+        op_no: seq,
+        op: Op::Put {
+            key,
+            value: value.to_string(),
+        },
+    }
+}
+
+/// Applies `records` one at a time and measures each call.
+fn timed_applies(store: &mut Store, records: &[Record]) -> Result<ApplyLatency, String> {
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    for r in records {
+        let t = Instant::now();
+        store.apply(r);
+        hist.record(t.elapsed().as_nanos() as u64)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(ApplyLatency {
+        p50_ns: hist.value_at_quantile(0.5),
+        p999_ns: hist.value_at_quantile(0.999),
+        max_ns: hist.max(),
+        mean_ns: hist.mean() as u64,
+    })
+}
+
+/// Loads `keys` keys into a [`Store`] and measures what a storage node pays for them:
+/// RSS per key, the writer's stall when it takes a snapshot, `apply` latency with and
+/// without a snapshot alive, the snapshot write, and recovery from that snapshot plus
+/// the `2 * updates` WAL records applied meanwhile (written to `dir`, which must hold no
+/// snapshot or segment). Single-threaded, so other load on the machine blurs only the
+/// tails. A benchmark, never a test.
+pub fn store_bench(
+    dir: &Path,
+    keys: u64,
+    value_size: usize,
+    updates: u64,
+) -> Result<StoreBenchReport, String> {
+    let _lock = crate::lock_data_dir(dir).map_err(|e| e.to_string())?;
+    let used = !crate::wal::file::list_segments(dir)
+        .and_then(|s| Ok(s.is_empty() && crate::snapshot::list(dir)?.is_empty()))
+        .map_err(|e| e.to_string())?;
+    if used || keys == 0 {
+        return Err(format!(
+            "{}: needs an empty data directory and at least one key",
+            dir.display()
+        ));
+    }
+    let value = "x".repeat(value_size);
+    let rss_start = rss_bytes();
+    let started = Instant::now();
+    let mut store = Store::new();
+    for seq in 1..=keys {
+        store.apply(&bench_put(seq, bench_key(seq), &value));
+        if seq % STORE_BENCH_SNAPSHOT_EVERY == 0 {
+            drop(store.compacted(store.pos()));
+        }
+    }
+    drop(store.compacted(store.pos()));
+    let load = started.elapsed();
+    let per_key = |rss: u64| rss.saturating_sub(rss_start) as f64 / keys as f64;
+    let rss_loaded = rss_bytes();
+
+    // Overwrites of random existing keys, the steady state of a full store.
+    let wal: Vec<Record> = (0..2 * updates)
+        .map(|i| bench_put(keys + 1 + i, bench_key(1 + i * 7919 % keys), &value))
+        .collect();
+    let (during, after) = wal.split_at(updates as usize);
+    let started = Instant::now();
+    let data = store.snapshot_data();
+    let snapshot_take = started.elapsed();
+    let rss_before = rss_bytes();
+    let apply_during = timed_applies(&mut store, during)?;
+    let rss_during = rss_bytes().saturating_sub(rss_before);
+    let started = Instant::now();
+    crate::snapshot::write(dir, &data).map_err(|e| format!("cannot write snapshot: {e}"))?;
+    let snapshot_write = started.elapsed();
+    drop(data);
+    let apply_after = timed_applies(&mut store, after)?;
+    drop(store);
+    if !wal.is_empty() {
+        let mut buf = Vec::new();
+        crate::wal::codec::encode_batch(&wal, &mut buf);
+        crate::wal::file::WalFile::create(dir, wal[0].seq, false)
+            .and_then(|mut f| f.append(&buf))
+            .map_err(|e| e.to_string())?;
+    }
+    drop(wal);
+
+    let started = Instant::now();
+    let r = recover(dir, false, false).map_err(|e| e.to_string())?;
+    let recover = started.elapsed();
+    if r.store.len() as u64 != keys || r.replayed != 2 * updates {
+        return Err(format!(
+            "recovered {} keys and {} records, expected {keys} and {}",
+            r.store.len(),
+            r.replayed,
+            2 * updates
+        ));
+    }
+    Ok(StoreBenchReport {
+        keys,
+        value_size,
+        load,
+        rss_per_key: per_key(rss_loaded),
+        snapshot_take,
+        updates,
+        apply_during,
+        rss_during,
+        apply_after,
+        snapshot_write,
+        recover,
+        rss_per_key_recovered: per_key(rss_bytes()),
+    })
+}
+
+/// `store-bench --recover-only`: recovers `dir` (left by an earlier `store-bench`) in this
+/// fresh process and reports the time and the RSS per key of the recovered store alone,
+/// which is what a restarted node holds.
+pub fn recover_bench(dir: &Path) -> Result<String, String> {
+    let _lock = crate::lock_data_dir(dir).map_err(|e| e.to_string())?;
+    let rss_start = rss_bytes();
+    let started = Instant::now();
+    let r = recover(dir, false, false).map_err(|e| e.to_string())?;
+    let elapsed = started.elapsed();
+    let keys = r.store.len().max(1) as f64;
+    let rss_per_key = rss_bytes().saturating_sub(rss_start) as f64 / keys;
+    let what = format!(
+        "{} keys (snapshot at seq {} + {} WAL records)",
+        r.store.len(),
+        r.store.snapshot_pos().seq,
+        r.replayed
+    );
+    drop(r);
+    // Once more, the snapshot alone (page-cached now), to split the time.
+    let started = Instant::now();
+    if let Some((_, path)) = crate::snapshot::list(dir).map_err(|e| e.to_string())?.pop() {
+        crate::snapshot::read(&path)?;
+    }
+    Ok(format!(
+        "recovered {what} in {} ms (loading the snapshot alone: {} ms): RSS {rss_per_key:.0} B/key",
+        elapsed.as_millis(),
+        started.elapsed().as_millis(),
+    ))
 }

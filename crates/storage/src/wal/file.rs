@@ -59,11 +59,25 @@ pub fn truncate_file(path: &Path, len: u64) -> io::Result<()> {
     f.sync_all()
 }
 
+/// Bytes buffered between a streamed file's writer and the kernel (`write_atomic_with`).
+const WRITE_BUFFER_BYTES: usize = 1 << 20;
+
 /// Replaces `dir/name` atomically: write a temp file, fsync, rename, fsync the directory.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_with(dir, name, |out| out.write_all(bytes))
+}
+
+/// [`write_atomic`] whose content `fill` streams into a buffered temp file, so a large
+/// file (a snapshot) never has to sit in memory whole.
+pub fn write_atomic_with(
+    dir: &Path,
+    name: &str,
+    fill: impl FnOnce(&mut io::BufWriter<File>) -> io::Result<()>,
+) -> io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = File::create(&tmp)?;
-    Write::write_all(&mut f, bytes)?;
+    let mut out = io::BufWriter::with_capacity(WRITE_BUFFER_BYTES, File::create(&tmp)?);
+    fill(&mut out)?;
+    let f = out.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, dir.join(name))?;

@@ -163,16 +163,28 @@ impl std::fmt::Display for Problem {
 /// Returns the store (the valid prefix) and the first problem met, if any.
 /// A gap between the snapshot and the WAL, or between segments, is an error.
 pub fn replay(ins: &Inspection) -> Result<(Store, Option<Problem>), RecoveryError> {
-    let mut store = match &ins.snapshot {
-        Some((_, data)) => Store::from_snapshot(data.clone()),
-        None => Store::new(),
-    };
+    let base = ins.snapshot.as_ref().map(|(_, data)| data.clone());
+    replay_from(base, ins)
+}
+
+/// [`replay`] starting from `base`, the state of `ins.snapshot`. Recovery moves that state
+/// out of the inspection instead of sharing it: while a second reference to the maps
+/// lives, every replayed write copies the nodes it touches.
+fn replay_from(
+    base: Option<SnapshotData>,
+    ins: &Inspection,
+) -> Result<(Store, Option<Problem>), RecoveryError> {
+    let mut store = base.map_or_else(Store::new, Store::from_snapshot);
     let last = ins.segments.len().saturating_sub(1);
     for (i, seg) in ins.segments.iter().enumerate() {
         let expected = store.pos().seq.next();
         if seg.first > expected {
             let base = match &ins.snapshot {
-                Some((p, d)) => format!("snapshot {} covers up to seq {}", p.display(), d.pos.seq),
+                Some((p, _)) => format!(
+                    "snapshot {} covers up to seq {}",
+                    p.display(),
+                    store.snapshot_pos().seq
+                ),
                 None => "there is no snapshot".to_string(),
             };
             let bad = if ins.bad_snapshots.is_empty() {
@@ -254,8 +266,9 @@ pub fn recover_on(
     // Bounded: each round either succeeds or cuts the log shorter; a second problem after
     // a cut would mean the cut did not take effect.
     for _ in 0..MAX_REPAIR_ROUNDS {
-        let ins = inspect(dir)?;
-        let (store, problem) = replay(&ins)?;
+        let mut ins = inspect(dir)?;
+        let base = ins.snapshot.as_mut().map(|(_, data)| std::mem::take(data));
+        let (store, problem) = replay_from(base, &ins)?;
         let Some(p) = problem else {
             return finish(disk, dir, &ins, store, fsync);
         };
