@@ -99,6 +99,11 @@ impl ReadBatcher {
 
     /// Sends the node's queued reads until the queue is empty, then gives its slot back.
     async fn send_batches(self: Arc<Self>, pool: Arc<Pool>, id: NodeId) {
+        let mut slot = Slot {
+            batcher: &self,
+            id: &id,
+            held: true,
+        };
         loop {
             let batch = {
                 let mut queues = self.lock();
@@ -106,7 +111,10 @@ impl ReadBatcher {
                 // Callers that gave up need no answer.
                 q.waiting.retain(|w| !w.reply.is_closed());
                 if q.waiting.is_empty() {
+                    // Given back under the same lock that saw the queue empty, so a read
+                    // queued right after starts a sender of its own.
                     q.in_flight -= 1;
+                    slot.held = false;
                     return;
                 }
                 let n = q.waiting.len().min(MAX_BATCH);
@@ -138,6 +146,24 @@ impl ReadBatcher {
                     return fail_all(batch, e);
                 }
                 Err(e) => return fail_all(batch, e),
+            }
+        }
+    }
+}
+
+/// A sender's in-flight slot; given back on drop too, so a sender that panicked or was
+/// cancelled (runtime shutdown) cannot leave its node without senders.
+struct Slot<'a> {
+    batcher: &'a ReadBatcher,
+    id: &'a NodeId,
+    held: bool,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            if let Some(q) = self.batcher.lock().get_mut(self.id) {
+                q.in_flight -= 1;
             }
         }
     }
