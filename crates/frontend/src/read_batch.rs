@@ -71,7 +71,10 @@ impl ReadBatcher {
         let (tx, rx) = oneshot::channel();
         let start_sender = {
             let mut queues = self.lock();
-            let q = queues.entry(id.clone()).or_default();
+            if !queues.contains_key(id) {
+                queues.insert(id.clone(), NodeQueue::default());
+            }
+            let q = queues.get_mut(id).expect("inserted above");
             q.waiting.push(Waiting {
                 key,
                 min_seq,
