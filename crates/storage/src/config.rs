@@ -29,7 +29,8 @@ pub struct Config {
     pub metrics_listen: String,
     /// Shared secret every Storage/Registry call must carry. Default: `walkv-dev-token`.
     pub cluster_token: String,
-    /// Records between snapshots (and WAL trims). Default: 100000.
+    /// Fewest records between snapshots (and WAL trims); a snapshot also waits for half as
+    /// many records as there are keys. Default: 100000.
     pub snapshot_every: u64,
     /// Most records written with one fsync (group commit batch). Default: 1024.
     pub wal_batch_max: u32,
