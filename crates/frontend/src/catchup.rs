@@ -426,6 +426,23 @@ async fn copy_page(
     }
 }
 
+/// Time a node may take per installed key to persist a snapshot on its last chunk: a 1M-key
+/// snapshot took 0.7-1 s to write on an idle 2-core machine, so 4 us per key leaves room for
+/// a busy one.
+const INSTALL_PER_KEY: Duration = Duration::from_micros(4);
+
+/// Deadline of one `install_snapshot` call: `base` (`rpc_timeout_ms`), and for the last
+/// chunk, which makes the node write and fsync the whole snapshot, `INSTALL_PER_KEY` more for
+/// each of the `keys` installed. Before, finalising 1M keys could pass the 2 s deadline and
+/// the catch-up attempt restarted. Pure.
+pub fn install_timeout(base: Duration, keys: u64, last: bool) -> Duration {
+    if last {
+        base + INSTALL_PER_KEY * u32::try_from(keys).unwrap_or(u32::MAX)
+    } else {
+        base
+    }
+}
+
 /// Streams `source`'s snapshot at `snapshot_seq` into `id`, page by page.
 async fn copy_snapshot(
     cluster: &Cluster,
@@ -454,7 +471,11 @@ async fn copy_snapshot(
             clients: page.clients,
         };
         first = false;
-        let pos = cluster.pool.install_snapshot(id, epoch, chunk).await?;
+        let timeout = install_timeout(cluster.pool.timeout(), progress.done + n, page.done);
+        let pos = cluster
+            .pool
+            .install_snapshot(id, epoch, chunk, timeout)
+            .await?;
         progress.done += n;
         if progress.last_log.elapsed() >= PROGRESS_INTERVAL {
             publish(cluster, id, LogPosition::default(), progress);
@@ -537,6 +558,17 @@ fn publish(cluster: &Cluster, id: &NodeId, at: LogPosition, progress: &mut Progr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_snapshot_chunk_gets_time_to_persist_every_key() {
+        let base = Duration::from_secs(2);
+        assert_eq!(install_timeout(base, 1_000_000, false), base);
+        assert_eq!(install_timeout(base, 0, true), base);
+        assert_eq!(
+            install_timeout(base, 1_000_000, true),
+            base + Duration::from_secs(4)
+        );
+    }
 
     fn table(entries: &[(u64, u64)]) -> Vec<EpochStart> {
         entries

@@ -304,17 +304,24 @@ impl Pool {
         .await
     }
 
-    /// One `install_snapshot` chunk.
+    /// One `install_snapshot` chunk, with a deadline of `timeout` (the last chunk makes the
+    /// node persist the whole snapshot, which can take longer than an ordinary call).
     pub async fn install_snapshot(
         &self,
         id: &NodeId,
         epoch: Epoch,
         chunk: SnapshotChunk,
+        timeout: Duration,
     ) -> Result<LogPosition, KvError> {
-        self.call(id, self.timeout, |c, ctx, t| async move {
+        self.call(id, timeout, |c, ctx, t| async move {
             c.install_snapshot(ctx, t, epoch, chunk).await
         })
         .await
+    }
+
+    /// The deadline of an ordinary call (`rpc_timeout_ms`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     fn bounded(&self, deadline: Instant) -> Duration {
