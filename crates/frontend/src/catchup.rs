@@ -455,6 +455,7 @@ async fn copy_snapshot(
 ) -> Result<LogPosition, Stop> {
     let mut after: Option<String> = None;
     let mut first = true;
+    let mut installed = 0u64;
     loop {
         let page = cluster
             .pool
@@ -471,7 +472,8 @@ async fn copy_snapshot(
             clients: page.clients,
         };
         first = false;
-        let timeout = install_timeout(cluster.pool.timeout(), progress.done + n, page.done);
+        installed += n;
+        let timeout = install_timeout(cluster.pool.timeout(), installed, page.done);
         let pos = cluster
             .pool
             .install_snapshot(id, epoch, chunk, timeout)
