@@ -23,6 +23,11 @@ async fn wait_commit(cluster: &Cluster, seq: Seq, deadline: Instant) -> Result<(
     if cluster.commit() >= seq {
         return Ok(());
     }
+    // Boxed: the timer and subscription would otherwise enlarge every read's future.
+    Box::pin(wait_commit_slow(cluster, seq, deadline)).await
+}
+
+async fn wait_commit_slow(cluster: &Cluster, seq: Seq, deadline: Instant) -> Result<(), KvError> {
     let mut rx = cluster.commit_tx.subscribe();
     let waited = tokio::time::timeout_at(deadline.into(), rx.wait_for(|c| *c >= seq))
         .await
@@ -53,7 +58,8 @@ fn members(cluster: &Cluster) -> Result<Vec<NodeId>, KvError> {
 pub async fn get(cluster: &Cluster, key: String) -> Result<Versioned, KvError> {
     let deadline = Instant::now() + cluster.config.request_timeout();
     if cluster.config.unsafe_read_any_node {
-        return get_from_any_node(cluster, key, deadline).await;
+        // Boxed: a direct tarpc call's state would otherwise enlarge every get's future.
+        return Box::pin(get_from_any_node(cluster, key, deadline)).await;
     }
     let commit = cluster.commit();
     let mut last_err = None;
