@@ -10,6 +10,8 @@
 //! - [`error`]: `KvError`, the typed error every RPC returns.
 //! - [`rpc`]: the three tarpc services: `Frontend` (client → frontend), `Registry`
 //!   (storage → frontend) and `Storage` (frontend → storage).
+//! - [`tagged`]: one-pass decoders for the internally tagged types (same JSON as the
+//!   derives, without serde's buffering).
 //! - [`transport`]: connect/listen helpers with explicit frame limits and deadlines.
 //! - [`telemetry`]: the tracing subscriber every `main` installs.
 //! - [`shutdown`]: the SIGINT/SIGTERM future every `main` passes to `run`.
@@ -22,6 +24,7 @@ pub mod record;
 pub mod rpc;
 pub mod runtime;
 pub mod shutdown;
+pub mod tagged;
 pub mod telemetry;
 pub mod transport;
 pub mod types;

@@ -15,14 +15,15 @@
 //! - `#[serde(tag = "op")]` keeps the operation greppable with `jq`.
 
 use crate::types::{Epoch, Seq, WriteOp};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::fmt;
 
 /// The operation a record applies; the same shape a client asks for.
 pub type Op = WriteOp;
 
-/// One entry of the replicated log.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One entry of the replicated log. `Deserialize` is hand-written in [`crate::tagged`]
+/// (one pass, same JSON).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Record {
     /// Global sequence number; the version of anything this record writes.
     pub seq: Seq,

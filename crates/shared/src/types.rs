@@ -85,7 +85,9 @@ pub struct KeyValue {
 /// What a client asks to write. The frontend turns it into an [`crate::Op`] inside a
 /// [`crate::Record`]; storage nodes evaluate the condition (cas, delete of a missing key)
 /// deterministically while applying, so every replica reaches the same outcome.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// `Deserialize` is hand-written in [`crate::tagged`] (one pass, same JSON).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum WriteOp {
     /// Set `key` to `value`.
@@ -135,7 +137,9 @@ pub struct WriteRequest {
 
 /// The deterministic result of applying one record on a storage node. Every replica
 /// computes the same outcome for the same log, so any in-sync node's answer is the answer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// `Deserialize` is hand-written in [`crate::tagged`] (one pass, same JSON).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
     /// The write took effect at `version`.
