@@ -36,6 +36,9 @@ pub struct ClusterOptions {
     pub frontend_extra: String,
     /// Extra lines appended to every storage node's config.
     pub storage_extra: String,
+    /// `worker_threads` of the frontend and every storage node. 1 (the quick-start setting)
+    /// runs each server on tokio's current-thread scheduler, 0 on a worker per core.
+    pub worker_threads: u32,
 }
 
 impl Default for ClusterOptions {
@@ -47,6 +50,7 @@ impl Default for ClusterOptions {
             rpc_timeout_ms: 1000,
             frontend_extra: String::new(),
             storage_extra: String::new(),
+            worker_threads: 1,
         }
     }
 }
@@ -150,10 +154,11 @@ impl TestCluster {
                 "client_listen = \"{client_addr}\"\nstorage_listen = \"{storage_listen}\"\n\
                  http_listen = \"{http_addr}\"\nresp_listen = \"{resp_addr}\"\n\
                  data_dir = \"{}\"\ncluster_token = \"{TOKEN}\"\nrpc_timeout_ms = {}\n\
-                 failure_timeout_ms = {}\nrecovery_grace_ms = 300\n{}\n",
+                 failure_timeout_ms = {}\nrecovery_grace_ms = 300\nworker_threads = {}\n{}\n",
                 data.display(),
                 options.rpc_timeout_ms,
                 options.failure_timeout_ms,
+                options.worker_threads,
                 options.frontend_extra
             ),
         )
@@ -183,8 +188,11 @@ impl TestCluster {
             &config,
             format!(
                 "frontend = \"{}\"\ncluster_token = \"{TOKEN}\"\nsnapshot_every = {}\nheartbeat_ms = 100\n\
-                 metrics_listen = \"{metrics_addr}\"\n{}\n",
-                self.storage_listen, self.options.snapshot_every, self.options.storage_extra
+                 metrics_listen = \"{metrics_addr}\"\nworker_threads = {}\n{}\n",
+                self.storage_listen,
+                self.options.snapshot_every,
+                self.options.worker_threads,
+                self.options.storage_extra
             ),
         )
         .expect("write storage config");

@@ -6,10 +6,26 @@ use walkv_tests::cluster::{ClusterOptions, TestCluster};
 use walkv_tests::process::bin_path;
 
 /// put/get/delete/cas/scan from two clients see each other's writes, versions increase,
-/// and all three nodes end with identical content.
+/// and all three nodes end with identical content. Servers on the current-thread scheduler
+/// (`worker_threads = 1`, the quick-start setting and the harness default).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_from_two_clients_and_nodes_converge() {
-    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    operations_converge(ClusterOptions::default()).await;
+}
+
+/// The same with every server on a multi-threaded runtime (`worker_threads = 0`, one
+/// worker per core: the built-in default for a server with a machine of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_converge_on_multi_threaded_servers() {
+    operations_converge(ClusterOptions {
+        worker_threads: 0,
+        ..ClusterOptions::default()
+    })
+    .await;
+}
+
+async fn operations_converge(options: ClusterOptions) {
+    let cluster = TestCluster::start(options).await;
     let mut alice = cluster.client("alice").await;
     let mut bob = cluster.client("bob").await;
 

@@ -112,6 +112,10 @@ pub struct BenchArgs {
     /// Write this many keys before the measured run.
     #[arg(long, default_value_t = 0)]
     pub preload: u64,
+    /// Threads of the bench process itself [default: min(cores, clients)]. On a machine
+    /// shared with the cluster, 1 leaves the most CPU to the servers being measured.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
 }
 
 impl BenchArgs {
@@ -445,6 +449,20 @@ mod tests {
         assert!(parse("--read-ratio 2")
             .unwrap_err()
             .contains("--read-ratio"));
+    }
+
+    #[test]
+    fn bench_threads_must_be_positive() {
+        let threads = |v: &str| {
+            Args::try_parse_from(["client", "--id", "b", "bench", "--threads", v]).map(|a| match a
+                .command
+            {
+                Some(Command::Bench(b)) => b.threads,
+                other => panic!("not a bench command: {other:?}"),
+            })
+        };
+        assert_eq!(threads("1").unwrap(), Some(1));
+        assert!(threads("0").is_err(), "zero threads cannot run anything");
     }
 
     #[test]
