@@ -58,7 +58,6 @@ use crate::isr::{join_ids, Membership};
 use crate::registry::RegistryServer;
 use crate::server::FrontendServer;
 use crate::state::StateFile;
-use futures::StreamExt;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -68,6 +67,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch as signal, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
+use walkv_shared::conn::serve_requests;
 use walkv_shared::rpc::{Frontend, Registry};
 use walkv_shared::transport::json_transport;
 
@@ -205,16 +205,14 @@ pub async fn run_with_doors(
                     let in_flight = in_flight.clone();
                     conns.spawn(async move {
                         let _permit = permit;
-                        channel
-                            .execute(serve.serve())
-                            .for_each_concurrent(MAX_IN_FLIGHT_PER_CONN, |f| {
-                                let guard = InFlight::enter(&in_flight);
-                                async move {
-                                    f.await;
-                                    drop(guard);
-                                }
-                            })
-                            .await;
+                        serve_requests(channel.execute(serve.serve()), MAX_IN_FLIGHT_PER_CONN, |f| {
+                            let guard = InFlight::enter(&in_flight);
+                            async move {
+                                f.await;
+                                drop(guard);
+                            }
+                        })
+                        .await;
                     });
                 }
             }
@@ -224,7 +222,7 @@ pub async fn run_with_doors(
                     let channel = BaseChannel::with_defaults(json_transport(stream, REGISTRY_MAX_FRAME));
                     conns.spawn(async move {
                         let _permit = permit;
-                        channel.execute(serve.serve()).for_each_concurrent(MAX_IN_FLIGHT_PER_CONN, |f| f).await;
+                        serve_requests(channel.execute(serve.serve()), MAX_IN_FLIGHT_PER_CONN, |f| f).await;
                     });
                 }
             }

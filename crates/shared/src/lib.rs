@@ -12,6 +12,8 @@
 //!   (storage → frontend) and `Storage` (frontend → storage).
 //! - [`tagged`]: one-pass decoders for the internally tagged types (same JSON as the
 //!   derives, without serde's buffering).
+//! - [`conn`]: drives one server connection, flushing together the responses of requests
+//!   that finish together.
 //! - [`transport`]: connect/listen helpers with explicit frame limits and deadlines.
 //! - [`telemetry`]: the tracing subscriber every `main` installs.
 //! - [`shutdown`]: the SIGINT/SIGTERM future every `main` passes to `run`.
@@ -19,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod record;
 pub mod rpc;

@@ -42,7 +42,6 @@ pub use config::Config;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub use server::StorageServer;
 
-use futures::StreamExt;
 use std::fs::File;
 use std::future::Future;
 use std::path::Path;
@@ -54,6 +53,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 use wal::writer::{read_epoch, NodeState, WalWriter, WriterConfig, WriterThread};
+use walkv_shared::conn::serve_requests;
 use walkv_shared::rpc::Storage;
 use walkv_shared::{transport, NodeId};
 
@@ -241,16 +241,15 @@ pub async fn run(
                 conns.spawn(async move {
                     let transport = transport::json_transport(stream, max_frame);
                     let requests = BaseChannel::with_defaults(transport).execute(server.serve());
-                    requests
-                        .for_each_concurrent(MAX_IN_FLIGHT_PER_CONN, |f| {
-                            in_flight.fetch_add(1, Ordering::SeqCst);
-                            let in_flight = in_flight.clone();
-                            async move {
-                                f.await;
-                                in_flight.fetch_sub(1, Ordering::SeqCst);
-                            }
-                        })
-                        .await;
+                    serve_requests(requests, MAX_IN_FLIGHT_PER_CONN, |f| {
+                        in_flight.fetch_add(1, Ordering::SeqCst);
+                        let in_flight = in_flight.clone();
+                        async move {
+                            f.await;
+                            in_flight.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    })
+                    .await;
                     tracing::debug!(peer = %peer, "connection closed");
                     drop(permit);
                 });
