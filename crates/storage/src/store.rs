@@ -273,6 +273,64 @@ pub struct Store {
     tail: VecDeque<Applied>,
 }
 
+/// Evaluates an operation that is not a retry: its outcome, and the operation with the
+/// strings the maps now hold.
+fn evaluate(map: &mut KeyMap, tombstones: &mut TombstoneMap, r: &Record) -> (Outcome, AppliedOp) {
+    let written = Outcome::Written { version: r.seq };
+    match &r.op {
+        WriteOp::Put { key, value } => {
+            let (key, value) = set(map, key, value, r.seq);
+            (written, AppliedOp::Put { key, value })
+        }
+        WriteOp::Delete { key } => match map.remove_with_key(key.as_str()) {
+            None => (Outcome::NotFound, AppliedOp::copied(&r.op)),
+            Some((key, _)) => {
+                tombstones.insert(key.clone(), r.seq);
+                (written, AppliedOp::Delete { key })
+            }
+        },
+        WriteOp::Cas {
+            key,
+            expected,
+            value,
+        } => {
+            let current = map.get(key.as_str()).map(|(_, v)| *v).unwrap_or_default();
+            if current != *expected {
+                return (
+                    Outcome::VersionMismatch { current },
+                    AppliedOp::copied(&r.op),
+                );
+            }
+            let (key, value) = set(map, key, value, r.seq);
+            let expected = *expected;
+            (
+                written,
+                AppliedOp::Cas {
+                    key,
+                    expected,
+                    value,
+                },
+            )
+        }
+    }
+}
+
+/// Sets `key` to `value` and returns the strings stored; an existing key keeps its own.
+fn set(map: &mut KeyMap, key: &str, value: &str, seq: Seq) -> (Text, Text) {
+    let value = Text::from(value);
+    match map.get_key_value_mut(key) {
+        Some((key, slot)) => {
+            *slot = (value.clone(), seq);
+            (key.clone(), value)
+        }
+        None => {
+            let key = Text::from(key);
+            map.insert(key.clone(), (value.clone(), seq));
+            (key, value)
+        }
+    }
+}
+
 impl Store {
     /// An empty store at the empty log position.
     pub fn new() -> Store {
@@ -298,26 +356,33 @@ impl Store {
             self.pos.seq.next(),
             "records must be applied in seq order without gaps"
         );
-        let (client, last) = match self.clients.get_key_value(r.client.as_str()) {
-            Some((id, (last, outcome))) => (id.clone(), Some((*last, outcome.clone()))),
-            None => (Text::from(r.client.as_str()), None),
-        };
-        let (outcome, op) = match last {
-            Some((last, outcome)) if r.op_no == last => (outcome, AppliedOp::copied(&r.op)),
-            Some((last, _)) if r.op_no < last => (
-                Outcome::StaleOp { last_op_no: last },
+        let Store {
+            map,
+            clients,
+            tombstones,
+            ..
+        } = self;
+        // One lookup in the exactly-once table tells a retry from a new op, and records a
+        // new op's outcome in place.
+        let (client, outcome, op) = match clients.get_key_value_mut(r.client.as_str()) {
+            Some((id, (last, _))) if r.op_no < *last => (
+                id.clone(),
+                Outcome::StaleOp { last_op_no: *last },
                 AppliedOp::copied(&r.op),
             ),
-            _ => {
-                let (outcome, op) = self.evaluate(r);
-                let entry = (r.op_no, outcome.clone());
-                match self.clients.get_mut(&*client) {
-                    Some(slot) => *slot = entry,
-                    None => {
-                        self.clients.insert(client.clone(), entry);
-                    }
-                }
-                (outcome, op)
+            Some((id, (last, outcome))) if r.op_no == *last => {
+                (id.clone(), outcome.clone(), AppliedOp::copied(&r.op))
+            }
+            Some((id, slot)) => {
+                let (outcome, op) = evaluate(map, tombstones, r);
+                *slot = (r.op_no, outcome.clone());
+                (id.clone(), outcome, op)
+            }
+            None => {
+                let id = Text::from(r.client.as_str());
+                let (outcome, op) = evaluate(map, tombstones, r);
+                clients.insert(id.clone(), (r.op_no, outcome.clone()));
+                (id, outcome, op)
             }
         };
         self.pos = LogPosition {
@@ -333,68 +398,6 @@ impl Store {
             outcome: outcome.clone(),
         });
         outcome
-    }
-
-    /// Evaluates an operation that is not a retry: its outcome, and the operation with the
-    /// strings the maps now hold.
-    fn evaluate(&mut self, r: &Record) -> (Outcome, AppliedOp) {
-        let written = Outcome::Written { version: r.seq };
-        match &r.op {
-            WriteOp::Put { key, value } => {
-                let (key, value) = self.set(key, value, r.seq);
-                (written, AppliedOp::Put { key, value })
-            }
-            WriteOp::Delete { key } => match self.map.remove_with_key(key.as_str()) {
-                None => (Outcome::NotFound, AppliedOp::copied(&r.op)),
-                Some((key, _)) => {
-                    self.tombstones.insert(key.clone(), r.seq);
-                    (written, AppliedOp::Delete { key })
-                }
-            },
-            WriteOp::Cas {
-                key,
-                expected,
-                value,
-            } => {
-                let current = self
-                    .map
-                    .get(key.as_str())
-                    .map(|(_, v)| *v)
-                    .unwrap_or_default();
-                if current != *expected {
-                    return (
-                        Outcome::VersionMismatch { current },
-                        AppliedOp::copied(&r.op),
-                    );
-                }
-                let (key, value) = self.set(key, value, r.seq);
-                let expected = *expected;
-                (
-                    written,
-                    AppliedOp::Cas {
-                        key,
-                        expected,
-                        value,
-                    },
-                )
-            }
-        }
-    }
-
-    /// Sets `key` to `value` and returns the strings stored; an existing key keeps its own.
-    fn set(&mut self, key: &str, value: &str, seq: Seq) -> (Text, Text) {
-        let value = Text::from(value);
-        match self.map.get_key_value_mut(key) {
-            Some((key, slot)) => {
-                *slot = (value.clone(), seq);
-                (key.clone(), value)
-            }
-            None => {
-                let key = Text::from(key);
-                self.map.insert(key.clone(), (value.clone(), seq));
-                (key, value)
-            }
-        }
     }
 
     /// The outcome a record already in the log had, for an `append` that re-sends it.
