@@ -67,7 +67,8 @@ pub struct Config {
     pub max_connections: u32,
     /// On shutdown, how long in-flight requests may take before they are aborted. Default 2000.
     pub shutdown_grace_ms: u64,
-    /// Async runtime worker threads; 0 = one per core. Default 0.
+    /// Async runtime worker threads; 0 = one per core, 1 = the current-thread scheduler.
+    /// Default 0.
     pub worker_threads: u32,
     /// NEGATIVE CONTROL, NEVER IN PRODUCTION: serve reads from any registered node
     /// (catching-up and stale ones included) without waiting for the commit index. This

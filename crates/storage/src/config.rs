@@ -48,7 +48,8 @@ pub struct Config {
     pub max_connections: u32,
     /// How long shutdown waits for in-flight requests, in ms. Default: 2000.
     pub shutdown_grace_ms: u64,
-    /// Async runtime worker threads (the WAL writer has its own thread); 0 = one per core.
+    /// Async runtime worker threads (the WAL writer has its own thread); 0 = one per core,
+    /// 1 = the current-thread scheduler.
     /// Default: 0.
     pub worker_threads: u32,
     /// fsync every WAL batch. Default: true. `false` exists only for negative-control
