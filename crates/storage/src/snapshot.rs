@@ -23,7 +23,7 @@
 //!   it out line by line; reading parses line by line into the maps, and returns nothing
 //!   unless the footer's count and checksum match.
 
-use crate::store::{ClientMap, KeyMapBuilder, SnapshotData, Text, TombstoneMap};
+use crate::store::{ClientMap, Key, KeyMapBuilder, SnapshotData, TombstoneMap};
 use crate::wal::file::{list_named, sync_dir, write_atomic_with};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -267,7 +267,7 @@ fn decode_from(mut input: impl BufRead) -> Result<SnapshotData, String> {
     data.tombstones = header
         .tombstones
         .into_iter()
-        .map(|(key, seq)| (Text::from(key), seq))
+        .map(|(key, seq)| (Key::from(key), seq))
         .collect();
     Ok(data)
 }

@@ -12,8 +12,10 @@
 //! clone shares every node, and a later write copies only the nodes on its own path. So
 //! [`Store::snapshot_data`] costs the writer three reference counts, whatever the number
 //! of keys, and the snapshot thread serialises that frozen view while writes go on.
-//! Keys, values and client ids are [`Text`] (`Arc<str>`): no spare capacity, and a copied
-//! node clones them by bumping a count instead of copying the bytes.
+//! Values are [`Text`] (`Arc<str>`): no spare capacity, and a copied node or a tail record
+//! clones them by bumping a count instead of copying the bytes. Keys and client ids are
+//! [`Key`]s, inline up to 24 bytes: the maps compare keys on every lookup, and an inline
+//! key is compared in the node already loaded rather than behind a pointer.
 //!
 //! Invariants:
 //! - `pos.seq` is the seq of the last applied record; `apply` asserts that each record is
@@ -55,17 +57,23 @@ pub fn record_bytes(r: &Record) -> usize {
 /// does not matter, small enough to stay in cache.
 const BUILD_WINDOW: usize = 1024;
 
-/// An immutable, shared string: a stored key, value or client id.
+/// An immutable, shared string: a stored value.
 pub type Text = Arc<str>;
 
+/// A key or client id: what the maps compare. Up to 24 bytes it is stored inline, in the
+/// B-tree node itself, so a lookup's comparisons read the node it already loaded instead of
+/// following a pointer per comparison (on a busy machine, a cache miss each); longer ones
+/// live on the heap.
+pub type Key = compact_str::CompactString;
+
 /// Every key with its value and the seq of the write that produced it, in key order.
-pub type KeyMap = OrdMap<Text, (Text, Seq)>;
+pub type KeyMap = OrdMap<Key, (Text, Seq)>;
 
 /// The exactly-once table: client id to its last op number and that op's outcome.
-pub type ClientMap = OrdMap<Text, (u64, Outcome)>;
+pub type ClientMap = OrdMap<Key, (u64, Outcome)>;
 
 /// Delete tombstones not yet known to be committed: key to the seq of the delete.
-pub type TombstoneMap = OrdMap<Text, Seq>;
+pub type TombstoneMap = OrdMap<Key, Seq>;
 
 /// The whole state at one log position, as written to and read from a snapshot. Its maps
 /// share structure with the store it was taken from, so it is cheap to take and to clone.
@@ -105,14 +113,14 @@ impl SnapshotData {
     }
 }
 
-/// A record as the tail keeps it. Its strings are the ones the maps hold, shared rather
-/// than copied, so the records since the newest snapshot cost little more than their
-/// fixed-size fields, and applying a record copies none of it.
+/// A record as the tail keeps it. Its values are the ones the map holds, shared rather than
+/// copied, and its keys are inline copies (heap copies beyond 24 bytes), so the records
+/// since the newest snapshot cost little more than their fixed-size fields.
 #[derive(Clone, Debug)]
 struct Applied {
     seq: Seq,
     epoch: Epoch,
-    client: Text,
+    client: Key,
     op_no: u64,
     op: AppliedOp,
     outcome: Outcome,
@@ -122,14 +130,14 @@ struct Applied {
 #[derive(Clone, Debug)]
 enum AppliedOp {
     Put {
-        key: Text,
+        key: Key,
         value: Text,
     },
     Delete {
-        key: Text,
+        key: Key,
     },
     Cas {
-        key: Text,
+        key: Key,
         expected: Seq,
         value: Text,
     },
@@ -212,14 +220,14 @@ impl Applied {
 #[derive(Debug, Default)]
 pub struct KeyMapBuilder {
     map: KeyMap,
-    evens: Vec<(Text, (Text, Seq))>,
-    odds: Vec<(Text, (Text, Seq))>,
+    evens: Vec<(Key, (Text, Seq))>,
+    odds: Vec<(Key, (Text, Seq))>,
 }
 
 impl KeyMapBuilder {
     /// Adds the next key (ascending order keeps the leaves full; any order is correct).
     pub fn push(&mut self, key: &str, value: &str, version: Seq) {
-        let entry = (Text::from(key), (Text::from(value), version));
+        let entry = (Key::from(key), (Text::from(value), version));
         if self.evens.len() == self.odds.len() {
             self.evens.push(entry);
         } else {
@@ -316,7 +324,7 @@ fn evaluate(map: &mut KeyMap, tombstones: &mut TombstoneMap, r: &Record) -> (Out
 }
 
 /// Sets `key` to `value` and returns the strings stored; an existing key keeps its own.
-fn set(map: &mut KeyMap, key: &str, value: &str, seq: Seq) -> (Text, Text) {
+fn set(map: &mut KeyMap, key: &str, value: &str, seq: Seq) -> (Key, Text) {
     let value = Text::from(value);
     match map.get_key_value_mut(key) {
         Some((key, slot)) => {
@@ -324,7 +332,7 @@ fn set(map: &mut KeyMap, key: &str, value: &str, seq: Seq) -> (Text, Text) {
             (key.clone(), value)
         }
         None => {
-            let key = Text::from(key);
+            let key = Key::from(key);
             map.insert(key.clone(), (value.clone(), seq));
             (key, value)
         }
@@ -379,7 +387,7 @@ impl Store {
                 (id.clone(), outcome, op)
             }
             None => {
-                let id = Text::from(r.client.as_str());
+                let id = Key::from(r.client.as_str());
                 let (outcome, op) = evaluate(map, tombstones, r);
                 clients.insert(id.clone(), (r.op_no, outcome.clone()));
                 (id, outcome, op)
@@ -418,7 +426,7 @@ impl Store {
     /// Forgets tombstones at or below the frontend's commit index.
     pub fn forget_tombstones(&mut self, commit: Seq) {
         // OrdMap has no `retain`; the table is small (deletes not yet committed).
-        let committed: Vec<Text> = self
+        let committed: Vec<Key> = self
             .tombstones
             .iter()
             .filter(|(_, seq)| **seq <= commit)
@@ -888,9 +896,25 @@ pub(crate) mod tests {
                 "OrdMap<Arc<str>, (Arc<str>, Seq)>",
                 &random_keys(),
                 |keys| {
-                    let mut m = KeyMap::new();
+                    let mut m = OrdMap::<Text, (Text, Seq)>::new();
                     for (i, k) in keys.iter().enumerate() {
                         m.insert(Text::from(k.as_str()), (Text::from(VALUE), Seq(i as u64)));
+                    }
+                    m
+                },
+            );
+        }
+
+        #[test]
+        #[ignore = "measurement: run alone, in release"]
+        fn memory_keymap_inline_keys() {
+            measure(
+                "OrdMap<CompactString, (Arc<str>, Seq)> (KeyMap)",
+                &random_keys(),
+                |keys| {
+                    let mut m = KeyMap::new();
+                    for (i, k) in keys.iter().enumerate() {
+                        m.insert(Key::from(k.as_str()), (Text::from(VALUE), Seq(i as u64)));
                     }
                     m
                 },
