@@ -228,7 +228,7 @@ mod tests {
     }
 
     /// Every request's future is as large as the largest method's, and tarpc and the
-    /// connection's `for_each_concurrent` move it into place (memcpy) per request. With
+    /// connection's driver (`serve_requests`) move it into place (memcpy) per request. With
     /// scan and watch inline it was 4976 bytes and `memmove` led the frontend's profile
     /// under GET load; the cold, large paths are boxed to keep it small.
     #[test]

@@ -14,10 +14,10 @@
 //! 5. once a snapshot is due ([`snapshot_due`]: at least `snapshot_every` records since the
 //!    last one, and at least half as many as there are keys), rolls to a new segment and
 //!    hands a view of the state to a snapshot thread, so snapshot IO never sits on the
-//!    write path. Taking the view is
-//!    O(1) whatever the number of keys: the store's maps are persistent and share their
-//!    nodes with it (see [`crate::store`]); the thread streams it to disk without the
-//!    store lock, then drops the records it covers from the tail.
+//!    write path. Taking the view is O(1) whatever the number of keys: the store's maps
+//!    are persistent and share their nodes with it (see [`crate::store`]); the thread
+//!    streams it to disk without the store lock, then drops the records it covers from the
+//!    tail.
 //!
 //! `truncate` and `install_snapshot` run on the same thread (after joining any snapshot
 //! in progress) and rebuild the store from disk with the same recovery code as startup.
@@ -665,6 +665,9 @@ pub fn snapshot_due(since: u64, snapshot_every: u64, keys: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::tests::put;
+    use crate::wal::disk::SimDisk;
+    use crate::wal::recover;
 
     #[test]
     fn snapshots_are_due_after_snapshot_every_or_half_the_keys_whichever_is_more() {
@@ -675,9 +678,6 @@ mod tests {
         assert!(!snapshot_due(499_999, 100_000, 1_000_000));
         assert!(snapshot_due(500_000, 100_000, 1_000_000));
     }
-    use crate::store::tests::put;
-    use crate::wal::disk::SimDisk;
-    use crate::wal::recover;
 
     fn open(dir: &Path, snapshot_every: u64) -> (Arc<NodeState>, WalWriter, WriterThread) {
         let r = recover(dir, true, false).unwrap();
