@@ -54,10 +54,11 @@ pub fn verify(dir: &Path) -> Result<String, String> {
             _ => "empty".into(),
         };
         out.push_str(&format!(
-            "segment {}: {} records ({range}), {} bytes\n",
+            "segment {}: {} records ({range}), {} bytes of records, {} preallocated\n",
             seg.path.display(),
             recs.len(),
-            seg.file_len
+            seg.decoded.valid_len,
+            seg.file_len - seg.data_len
         ));
     }
     match problem {

@@ -8,6 +8,13 @@
 //!   is a **torn tail** (a write that a crash interrupted): [`DecodeError::TornTail`];
 //! - a bad line followed by more data, or a well-formed line whose seq is not exactly
 //!   one more than the previous one, is **corruption**: [`DecodeError::Corrupt`].
+//!
+//! A segment may end in zero bytes: the writer preallocates the file ahead of its records
+//! (see `super::file::WalFile`). Trailing zeros are not data; the log ends at the last
+//! non-zero byte, and the rules above apply to what comes before. A record never contains
+//! a zero byte (JSON escapes control characters), so trimming cannot cut into one. A torn
+//! write into the preallocated part (half a record, then zeros) is therefore a torn tail,
+//! and anything non-zero after a run of zeros with more records behind it is corruption.
 
 use walkv_shared::record::{decode_line, encode_into};
 use walkv_shared::{Record, Seq};
@@ -60,6 +67,7 @@ pub fn decode(bytes: &[u8], first: Seq) -> Decoded {
     let mut out = Decoded::default();
     let mut pos = 0usize;
     let mut expected = first;
+    let bytes = &bytes[..bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1)];
     while pos < bytes.len() {
         let Some(nl) = bytes[pos..]
             .iter()
@@ -162,6 +170,59 @@ mod tests {
                 Some(e) => panic!("cut at {cut}: a truncated log is torn, not corrupt: {e:?}"),
             }
         }
+    }
+
+    #[test]
+    fn zero_tail_is_preallocation_not_data() {
+        let (records, mut bytes) = log(6);
+        let logical = bytes.len() as u64;
+        bytes.resize(bytes.len() + 5000, 0);
+        let d = decode(&bytes, Seq(1));
+        assert_eq!(d.records, records);
+        assert_eq!(d.valid_len, logical);
+        assert_eq!(d.error, None);
+        assert_eq!(
+            decode(&[0; 64], Seq(1)),
+            Decoded::default(),
+            "all zeros is empty"
+        );
+    }
+
+    #[test]
+    fn truncation_into_a_zero_tail_recovers_exactly_the_complete_prefix() {
+        // A torn write over preallocated space: a prefix of the bytes, then the zeros.
+        let (records, bytes) = log(8);
+        let ends = decode(&bytes, Seq(1)).ends;
+        for cut in 0..=bytes.len() {
+            let mut torn = bytes[..cut].to_vec();
+            torn.resize(bytes.len() + 512, 0);
+            let d = decode(&torn, Seq(1));
+            let complete = ends.iter().filter(|&&e| e as usize <= cut).count();
+            assert_eq!(d.records, records[..complete], "cut at {cut}");
+            let prefix_end = if complete == 0 { 0 } else { ends[complete - 1] };
+            assert_eq!(d.valid_len, prefix_end, "cut at {cut}");
+            match d.error {
+                None => assert_eq!(cut as u64, prefix_end),
+                Some(DecodeError::TornTail { offset, .. }) => assert_eq!(offset, prefix_end),
+                Some(e) => panic!("cut at {cut}: a torn write is not corruption: {e:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn zeroed_record_before_later_records_is_corruption() {
+        let (_, mut bytes) = log(6);
+        let ends = decode(&bytes, Seq(1)).ends;
+        let (start, end) = (ends[2] as usize, ends[3] as usize); // record 4
+        bytes[start..end].fill(0);
+        bytes.resize(bytes.len() + 100, 0);
+        let d = decode(&bytes, Seq(1));
+        assert_eq!(d.records.len(), 3);
+        assert!(
+            matches!(d.error, Some(DecodeError::Corrupt { offset, expected_seq: Seq(4), .. }) if offset == start as u64),
+            "{:?}",
+            d.error
+        );
     }
 
     #[test]

@@ -1,97 +1,141 @@
 //! The disk under the WAL's append path, as a trait, so tests can crash it.
 //!
 //! `kill -9` leaves the page cache intact, so a process test cannot tell an ack sent
-//! after `fsync` from one sent before. [`SimDisk`] can: it remembers, per segment, how
-//! many bytes were durable at the last `sync_data`, and [`SimDisk::crash`] cuts every
-//! segment back to that length (optionally keeping a torn part of the unsynced tail, as a
-//! power cut in the middle of writing a page does). Recovery then runs on the real files,
-//! with the normal code path.
+//! after `fsync` from one sent before. [`SimDisk`] can: it remembers, per segment, what
+//! was durable at the last `sync_data` (how far the records went, and how long the
+//! zero-filled file was), and [`SimDisk::crash`] puts every segment back to that state,
+//! optionally keeping a torn part of the unsynced records (as a power cut in the middle
+//! of writing a page does). Recovery then runs on the real files, with the normal code
+//! path.
 //!
-//! - [`RealDisk`] is what the node uses: `OpenOptions` + `write_all` + `sync_data`,
-//!   exactly the syscalls `WalFile` made before the trait existed.
+//! - [`RealDisk`] is what the node uses: `OpenOptions` + `pwrite` + `fdatasync`.
 //! - The trait covers what `WalFile` does: create a segment (durably), open one for
-//!   appending, write, `sync_data`. Truncation at recovery, snapshots and the epoch file
+//!   writing, write records at an offset, extend the file with written zeros
+//!   (preallocation), `sync_data`. Truncation at recovery, snapshots and the epoch file
 //!   use `sync_all` right away and stay on `std::fs`; the simulation only models the
 //!   group-commit append path, which is where an ack-before-fsync bug would live.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// An open WAL segment.
 pub trait DiskFile: Send + Debug {
-    /// Appends `bytes` (may be lost by a crash until [`DiskFile::sync_data`] returns).
-    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()>;
-    /// Makes everything written so far durable.
+    /// Writes `bytes` at `offset` (may be lost by a crash until [`DiskFile::sync_data`]
+    /// returns).
+    fn write_at(&mut self, bytes: &[u8], offset: u64) -> io::Result<()>;
+    /// Grows the file from `from` (its current length) to `to` bytes by writing zeros:
+    /// real blocks, not a hole, so later writes over them change no file metadata.
+    /// Lost by a crash until [`DiskFile::sync_data`] returns.
+    fn extend_zeroed(&mut self, from: u64, to: u64) -> io::Result<()>;
+    /// Makes everything written so far durable, the file length included.
     fn sync_data(&mut self) -> io::Result<()>;
 }
 
 /// Opens WAL segments.
 pub trait Disk: Send + Sync + Debug {
-    /// Creates `path` (which must not exist) for appending and makes the empty file and
-    /// its name durable (fsync of the file and of `dir`).
+    /// Creates `path` (which must not exist) and makes the empty file and its name
+    /// durable (fsync of the file and of `dir`).
     fn create_new(&self, dir: &Path, path: &Path) -> io::Result<Box<dyn DiskFile>>;
-    /// Opens an existing segment for appending.
-    fn open_append(&self, path: &Path) -> io::Result<Box<dyn DiskFile>>;
+    /// Opens an existing segment for writing. Recovery read it back, so its content is
+    /// durable; its records end at `data_end` and only zeros follow.
+    fn open_existing(&self, path: &Path, data_end: u64) -> io::Result<Box<dyn DiskFile>>;
 }
 
 /// The real disk.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealDisk;
 
+/// Zeros for [`DiskFile::extend_zeroed`], written a slice at a time.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
 impl DiskFile for File {
-    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
-        Write::write_all(self, bytes)
+    fn write_at(&mut self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        self.write_all_at(bytes, offset)
+    }
+    fn extend_zeroed(&mut self, from: u64, to: u64) -> io::Result<()> {
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(ZEROS.len() as u64);
+            self.write_all_at(&ZEROS[..n as usize], at)?;
+            at += n;
+        }
+        Ok(())
     }
     fn sync_data(&mut self) -> io::Result<()> {
         File::sync_data(self)
     }
 }
 
+/// Opened for positioned writes. Never `O_APPEND`: Linux would then ignore the offset of
+/// every `pwrite` and append.
+fn open_for_writes(path: &Path) -> io::Result<File> {
+    OpenOptions::new().write(true).open(path)
+}
+
 impl Disk for RealDisk {
     fn create_new(&self, dir: &Path, path: &Path) -> io::Result<Box<dyn DiskFile>> {
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(path)?;
+        let file = OpenOptions::new().create_new(true).write(true).open(path)?;
         file.sync_all()?;
         super::file::sync_dir(dir)?;
         Ok(Box::new(file))
     }
-    fn open_append(&self, path: &Path) -> io::Result<Box<dyn DiskFile>> {
-        Ok(Box::new(OpenOptions::new().append(true).open(path)?))
+    fn open_existing(&self, path: &Path, _data_end: u64) -> io::Result<Box<dyn DiskFile>> {
+        Ok(Box::new(open_for_writes(path)?))
     }
 }
 
-/// A disk that forgets unsynced bytes on [`SimDisk::crash`]. Cheap to clone (shared).
+/// What survives a crash of one segment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Extent {
+    /// End of the records (the first byte no record was written to).
+    data_end: u64,
+    /// File length; from `data_end` to here the file holds zeros.
+    len: u64,
+}
+
+type Durable = Arc<Mutex<BTreeMap<PathBuf, Extent>>>;
+
+/// A disk that forgets unsynced writes on [`SimDisk::crash`]. Cheap to clone (shared).
 #[derive(Debug, Default, Clone)]
 pub struct SimDisk {
-    /// Durable length of every segment opened through this disk.
-    durable: Arc<Mutex<BTreeMap<PathBuf, u64>>>,
+    /// What is durable of every segment opened through this disk.
+    durable: Durable,
 }
 
 #[derive(Debug)]
 struct SimFile {
     file: File,
     path: PathBuf,
-    durable: Arc<Mutex<BTreeMap<PathBuf, u64>>>,
+    /// The segment as written so far (the "page cache").
+    written: Extent,
+    durable: Durable,
 }
 
 impl DiskFile for SimFile {
-    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
-        Write::write_all(&mut self.file, bytes)
+    fn write_at(&mut self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_at(bytes, offset)?;
+        let end = offset + bytes.len() as u64;
+        self.written.data_end = self.written.data_end.max(end);
+        self.written.len = self.written.len.max(end);
+        Ok(())
+    }
+    fn extend_zeroed(&mut self, from: u64, to: u64) -> io::Result<()> {
+        self.file.extend_zeroed(from, to)?;
+        self.written.len = self.written.len.max(to);
+        Ok(())
     }
     fn sync_data(&mut self) -> io::Result<()> {
-        // The bytes are in the real file already (the "page cache"); syncing makes them
-        // survive the next simulated crash.
-        let len = self.file.metadata()?.len();
+        // The bytes are in the real file already; syncing makes them survive the next
+        // simulated crash.
         self.durable
             .lock()
             .expect("sim disk lock is never poisoned")
-            .insert(self.path.clone(), len);
+            .insert(self.path.clone(), self.written);
         Ok(())
     }
 }
@@ -102,33 +146,42 @@ impl SimDisk {
         SimDisk::default()
     }
 
-    fn open(&self, path: &Path, file: File, len: u64) -> Box<dyn DiskFile> {
+    fn open(&self, path: &Path, file: File, durable: Extent) -> Box<dyn DiskFile> {
         self.durable
             .lock()
             .expect("sim disk lock is never poisoned")
-            .entry(path.to_path_buf())
-            .or_insert(len);
+            .insert(path.to_path_buf(), durable);
         Box::new(SimFile {
             file,
             path: path.to_path_buf(),
+            written: durable,
             durable: self.durable.clone(),
         })
     }
 
-    /// A power cut: every segment goes back to its durable length, plus the first
-    /// `torn_bytes` of its unsynced tail (a partly written page). Open handles must be
-    /// dropped first (the process is gone).
+    /// A power cut: every segment goes back to what was durable, plus the first
+    /// `torn_bytes` of the unsynced records (a partly written page). Unsynced records
+    /// that fell on preallocated space become zeros again; an unsynced extension of the
+    /// file is lost. Open handles must be dropped first (the process is gone).
     pub fn crash(&self, torn_bytes: u64) -> io::Result<()> {
         let durable = self
             .durable
             .lock()
             .expect("sim disk lock is never poisoned");
-        for (path, len) in durable.iter() {
+        for (path, d) in durable.iter() {
             let Ok(meta) = std::fs::metadata(path) else {
                 continue; // removed (compacted) since
             };
-            let keep = (*len + torn_bytes).min(meta.len());
-            OpenOptions::new().write(true).open(path)?.set_len(keep)?;
+            let keep = (d.data_end + torn_bytes).min(meta.len());
+            let len = d.len.max(keep);
+            let f = open_for_writes(path)?;
+            f.set_len(len)?;
+            let mut at = keep;
+            while at < len {
+                let n = (len - at).min(ZEROS.len() as u64);
+                f.write_all_at(&ZEROS[..n as usize], at)?;
+                at += n;
+            }
         }
         Ok(())
     }
@@ -136,16 +189,13 @@ impl SimDisk {
 
 impl Disk for SimDisk {
     fn create_new(&self, dir: &Path, path: &Path) -> io::Result<Box<dyn DiskFile>> {
-        let file = RealDisk.create_new(dir, path)?;
-        drop(file);
-        let f = OpenOptions::new().append(true).open(path)?;
-        Ok(self.open(path, f, 0))
+        drop(RealDisk.create_new(dir, path)?);
+        Ok(self.open(path, open_for_writes(path)?, Extent::default()))
     }
-    fn open_append(&self, path: &Path) -> io::Result<Box<dyn DiskFile>> {
-        let f = OpenOptions::new().append(true).open(path)?;
-        // What recovery found on disk at open time is durable (it was read back).
+    fn open_existing(&self, path: &Path, data_end: u64) -> io::Result<Box<dyn DiskFile>> {
+        let f = open_for_writes(path)?;
         let len = f.metadata()?.len();
-        Ok(self.open(path, f, len))
+        Ok(self.open(path, f, Extent { data_end, len }))
     }
 }
 
@@ -159,9 +209,9 @@ mod tests {
         let path = dir.path().join("seg");
         let disk = SimDisk::new();
         let mut f = disk.create_new(dir.path(), &path).unwrap();
-        f.write_all(b"durable\n").unwrap();
+        f.write_at(b"durable\n", 0).unwrap();
         f.sync_data().unwrap();
-        f.write_all(b"lost\n").unwrap();
+        f.write_at(b"lost\n", 8).unwrap();
         drop(f);
         assert_eq!(std::fs::read(&path).unwrap(), b"durable\nlost\n");
         disk.crash(2).unwrap();
@@ -172,5 +222,36 @@ mod tests {
         );
         disk.crash(0).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"durable\n");
+    }
+
+    #[test]
+    fn crash_restores_preallocated_zeros_and_drops_an_unsynced_extension() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg");
+        let disk = SimDisk::new();
+        let mut f = disk.create_new(dir.path(), &path).unwrap();
+        f.write_at(b"a\n", 0).unwrap();
+        f.extend_zeroed(2, 16).unwrap();
+        f.sync_data().unwrap();
+        f.write_at(b"bbbb\n", 2).unwrap();
+        f.extend_zeroed(16, 32).unwrap();
+        drop(f);
+        disk.crash(3).unwrap();
+        let mut want = b"a\nbbb".to_vec();
+        want.resize(16, 0);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            want,
+            "torn part, then the durable zeros"
+        );
+
+        // Reopened as recovery does: what is on disk now is durable.
+        let mut f = disk.open_existing(&path, 2).unwrap();
+        f.write_at(b"c\n", 2).unwrap();
+        drop(f);
+        disk.crash(0).unwrap();
+        let mut want = b"a\n".to_vec();
+        want.resize(16, 0);
+        assert_eq!(std::fs::read(&path).unwrap(), want);
     }
 }

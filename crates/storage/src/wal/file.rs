@@ -6,8 +6,14 @@
 //!   name survives a crash along with the data.
 //! - [`WalFile`] goes through a [`Disk`] (`RealDisk` in the node; a simulated disk that
 //!   loses unsynced bytes in crash tests).
-//! - [`WalFile::append`] writes a whole group-commit batch with one `write_all` and one
+//! - [`WalFile::append`] writes a whole group-commit batch with one `pwrite` and one
 //!   `sync_data`; a failure of either is returned and the caller stops the node.
+//! - Segments are **preallocated**: the file is grown [`PREALLOCATE_BYTES`] at a time
+//!   with written zeros, and records overwrite those zeros. An `fdatasync` after
+//!   appending to a file must also write the inode and the block allocation (on this
+//!   ext4, ~2.9 block writes and a cache flush per call); one after overwriting written
+//!   blocks writes only the data. Decoding ends the log at the last non-zero byte
+//!   (`super::codec`).
 
 use super::disk::{Disk, DiskFile, RealDisk};
 use std::fs::{File, OpenOptions};
@@ -92,6 +98,11 @@ pub fn remove_newest_first(dir: &Path, files: &[(Seq, PathBuf)]) -> io::Result<(
     sync_dir(dir)
 }
 
+/// How far ahead of its records a segment is zero-filled. Each extension rides on the
+/// `sync_data` of the batch that needed it, so it costs one larger write every ~7,000
+/// records of 150 bytes.
+pub const PREALLOCATE_BYTES: u64 = 1 << 20;
+
 /// The open, last segment of the WAL, to which the writer appends.
 #[derive(Debug)]
 pub struct WalFile {
@@ -100,6 +111,10 @@ pub struct WalFile {
     path: PathBuf,
     first: Seq,
     fsync: bool,
+    /// End of the records: where the next batch goes.
+    data_end: u64,
+    /// File length; the bytes from `data_end` to here are zeros.
+    len: u64,
 }
 
 impl WalFile {
@@ -123,6 +138,8 @@ impl WalFile {
             path,
             first,
             fsync,
+            data_end: 0,
+            len: 0,
         })
     }
 
@@ -131,29 +148,43 @@ impl WalFile {
         Self::create_on(self.disk.clone(), dir, first, self.fsync)
     }
 
-    /// Opens an existing segment (already scanned and, if torn, truncated) for appending.
+    /// Opens an existing segment for appending. Recovery scanned it (and cut a torn
+    /// tail): its records end at `data_end` and only zeros follow, up to `len` bytes.
     pub fn open_append(
         disk: Arc<dyn Disk>,
         path: &Path,
         first: Seq,
+        data_end: u64,
+        len: u64,
         fsync: bool,
     ) -> io::Result<WalFile> {
-        let file = disk.open_append(path)?;
+        let file = disk.open_existing(path, data_end)?;
         Ok(WalFile {
             file,
             disk,
             path: path.to_path_buf(),
             first,
             fsync,
+            data_end,
+            len,
         })
     }
 
-    /// Writes a batch and, unless fsync is disabled by config, waits for it to be durable.
+    /// Writes a batch after the last one and, unless fsync is disabled by config, waits
+    /// for it to be durable. A batch that does not fit in the preallocated zeros first
+    /// grows the file by [`PREALLOCATE_BYTES`] past its end, under the same `sync_data`.
     pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.file.write_all(bytes)?;
+        let end = self.data_end + bytes.len() as u64;
+        self.file.write_at(bytes, self.data_end)?;
+        if end > self.len {
+            let to = end + PREALLOCATE_BYTES;
+            self.file.extend_zeroed(end, to)?;
+            self.len = to;
+        }
         if self.fsync {
             self.file.sync_data()?;
         }
+        self.data_end = end;
         Ok(())
     }
 
@@ -176,6 +207,37 @@ impl WalFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn appends_overwrite_preallocated_zeros_and_decode_back() {
+        use crate::store::tests::put;
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = WalFile::create(dir.path(), Seq(1), true).unwrap();
+        let mut expected = Vec::new();
+        let mut first_batch = 0;
+        for seq in 1..=3 {
+            let mut buf = Vec::new();
+            super::super::codec::encode_batch(&[put(seq, "k", "v")], &mut buf);
+            wal.append(&buf).unwrap();
+            expected.extend_from_slice(&buf);
+            if seq == 1 {
+                first_batch = buf.len() as u64;
+            }
+        }
+        let bytes = std::fs::read(wal.path()).unwrap();
+        assert_eq!(
+            bytes.len() as u64,
+            first_batch + PREALLOCATE_BYTES,
+            "one extension, by the first batch"
+        );
+        assert_eq!(&bytes[..expected.len()], expected);
+        assert!(bytes[expected.len()..].iter().all(|&b| b == 0));
+        let d = super::super::codec::decode(&bytes, Seq(1));
+        assert_eq!(
+            (d.records.len(), d.valid_len, d.error),
+            (3, expected.len() as u64, None)
+        );
+    }
 
     #[test]
     fn names_sort_and_parse() {

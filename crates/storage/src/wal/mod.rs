@@ -8,7 +8,8 @@
 //!   `walkv_shared::record::encode`: a JSON object whose first member `crc` is the CRC32C
 //!   of the rest of the line, then `seq`, `epoch`, `client`, `op_no` and the operation.
 //!   Records are consecutive: each seq is exactly one more than the previous one, across
-//!   segments too.
+//!   segments too. A segment may end in zero bytes, space the writer preallocated
+//!   (see [`file`]); the records end at its last non-zero byte.
 //! - `snapshot-<seq, 20 digits>.json`: the state after record `seq` (see [`crate::snapshot`]).
 //! - `epoch`: the highest frontend epoch the node has seen (written atomically).
 //! - `LOCK`: locked by the running process; a second process refuses to start.
@@ -87,6 +88,8 @@ pub struct SegmentScan {
     pub decoded: Decoded,
     /// Length of the file in bytes.
     pub file_len: u64,
+    /// Length without the zeros at its end (preallocated space).
+    pub data_len: u64,
 }
 
 /// Everything in a data directory, read but not modified.
@@ -124,6 +127,10 @@ pub fn inspect(dir: &Path) -> Result<Inspection, RecoveryError> {
             first,
             decoded,
             file_len: bytes.len() as u64,
+            data_len: bytes
+                .iter()
+                .rposition(|&b| b != 0)
+                .map_or(0, |i| i as u64 + 1),
         });
     }
     Ok(out)
@@ -274,7 +281,7 @@ pub fn recover_on(
         };
         if p.torn {
             let seg = &ins.segments[p.segment];
-            warn!(file = %p.path.display(), offset = p.offset, seq = %p.expected_seq, bytes = seg.file_len - p.offset, reason = %p.reason, "torn WAL tail truncated (crash mid-write)");
+            warn!(file = %p.path.display(), offset = p.offset, seq = %p.expected_seq, bytes = seg.data_len.saturating_sub(p.offset), reason = %p.reason, "torn WAL tail truncated (crash mid-write)");
             file::truncate_file(&p.path, p.offset).map_err(io_err("cannot truncate", &p.path))?;
             continue;
         }
@@ -306,7 +313,8 @@ fn finish(
     // (no segments, or a leftover segment wholly covered by the snapshot) start a new one.
     let wal = match ins.segments.last() {
         Some(seg) if seg.first.0 + seg.decoded.records.len() as u64 == next.0 => {
-            WalFile::open_append(disk, &seg.path, seg.first, fsync)
+            let (data_end, len) = (seg.decoded.valid_len, seg.file_len);
+            WalFile::open_append(disk, &seg.path, seg.first, data_end, len, fsync)
                 .map_err(io_err("cannot open", &seg.path))?
         }
         _ => {
