@@ -88,22 +88,40 @@ async fn recovery_step(cluster: &Cluster, grace: &mut Grace) {
     let Some(plan) = decide(cluster, grace, None) else {
         return;
     };
-    // Positions from registrations may be stale (a re-run recovery): confirm them.
+    // Positions from registrations may be stale (a re-run recovery): confirm them, and
+    // fence every node at the new epoch while at it. The fence answers the log end behind
+    // every append the node accepted before it, so an append of the old epoch that timed
+    // out here but still sits in a node's queue is counted, not written after the truth
+    // is chosen (where the next epoch's records would be taken for copies of it).
+    let epoch = cluster.m().state.epoch;
     let candidates: Vec<NodeId> = cluster.m().live().map(|(id, _)| id.clone()).collect();
     let answers = futures::future::join_all(candidates.into_iter().map(|id| async move {
-        let who = cluster.pool.identity(&id).await;
-        (id, who)
+        let confirmed = match cluster.pool.identity(&id).await {
+            Ok(who) if who.id != id => Err(KvError::Internal(format!(
+                "node answered identity as {}",
+                who.id
+            ))),
+            Ok(_) => cluster.pool.fence(&id, epoch).await,
+            Err(e) => Err(e),
+        };
+        (id, confirmed)
     }))
     .await;
     let mut fresh = Vec::new();
-    for (id, who) in answers {
-        match who {
-            Ok(who) if who.id == id => fresh.push(Candidate { id, pos: who.pos }),
-            Ok(who) => {
-                warn!(node = %id, answered = %who.id, "node answered identity with another id; ignoring it")
-            }
+    let mut seen_above: Option<u64> = None;
+    for (id, confirmed) in answers {
+        match confirmed {
+            Ok(pos) => fresh.push(Candidate { id, pos }),
+            Err(KvError::Fenced { seen }) => seen_above = seen_above.max(Some(seen)),
             Err(e) => warn!(node = %id, error = %e, "cannot confirm log position for recovery"),
         }
+    }
+    // A node has seen a higher epoch than ours and refused the fence: jump past it.
+    if let Some(seen) = seen_above {
+        if let Err(e) = jump_epoch(cluster, Epoch(seen)).await {
+            warn!(error = %e, "cannot persist the epoch jump; retrying");
+        }
+        return;
     }
     // Logs from an epoch at or above ours mean this frontend's state is older than the
     // cluster's (e.g. its data dir was replaced); nodes would fence every request, so jump

@@ -282,6 +282,14 @@ impl Pool {
         .await
     }
 
+    /// Fences node `id` at `epoch` and returns its log end: a `truncate` past any log
+    /// end, which cuts nothing. A node handles it in order with its appends, so the
+    /// answer counts every append it had already accepted (one that timed out here may
+    /// still be queued there), and it refuses appends of older epochs from then on.
+    pub async fn fence(&self, id: &NodeId, epoch: Epoch) -> Result<LogPosition, KvError> {
+        self.truncate(id, epoch, Seq(u64::MAX)).await
+    }
+
     /// `fetch` records for catch-up.
     pub async fn fetch(&self, id: &NodeId, from: Seq, max: u32) -> Result<FetchReply, KvError> {
         self.call(id, self.timeout, |c, ctx, t| async move {

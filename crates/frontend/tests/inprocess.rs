@@ -34,6 +34,10 @@ struct Data {
     snap_epoch: Epoch,
     snap: Option<Box<Applied>>,
     epoch_seen: Epoch,
+    /// An append accepted but not yet written, as in a real node's writer queue: it lands
+    /// before the next command that goes through that queue (`append`, `truncate`), and
+    /// `identity` does not see it.
+    queued: Option<Vec<Record>>,
 }
 
 #[derive(Clone, Default)]
@@ -117,6 +121,9 @@ struct Fake {
     data: Arc<Mutex<Data>>,
     failing: Arc<AtomicBool>,
     silent: Arc<AtomicBool>,
+    /// Queue the next append (answering `Unavailable`, as a deadline that passed while it
+    /// waited behind a slow fsync would) instead of writing it.
+    queue_next_append: Arc<AtomicBool>,
     /// `read_many` calls answered.
     read_many_calls: Arc<AtomicUsize>,
 }
@@ -134,6 +141,19 @@ impl Fake {
             return Err(KvError::Unauthorized("token".into()));
         }
         Ok(())
+    }
+    /// Writes a queued append (see [`Data::queued`]).
+    fn land_queued(&self, d: &mut Data) {
+        let Some(records) = d.queued.take() else {
+            return;
+        };
+        let mut st = d.state();
+        for r in records {
+            if r.seq == d.pos().seq.next() {
+                st.apply(&r);
+                d.log.push(r);
+            }
+        }
     }
     fn fence(&self, d: &mut Data, epoch: Epoch) -> Result<(), KvError> {
         if epoch < d.epoch_seen {
@@ -185,7 +205,14 @@ impl Storage for Fake {
     ) -> Result<Vec<Outcome>, KvError> {
         self.check(&token)?;
         let mut d = self.data.lock().unwrap();
+        self.land_queued(&mut d);
         self.fence(&mut d, req.epoch)?;
+        if self.queue_next_append.swap(false, Ordering::SeqCst) {
+            d.queued = Some(req.records.into_vec());
+            return Err(KvError::Unavailable(
+                "append queued behind a slow write (deadline passed)".into(),
+            ));
+        }
         let mut st = d.state();
         let mut outs = Vec::new();
         for r in req.records.into_vec() {
@@ -281,6 +308,7 @@ impl Storage for Fake {
     ) -> Result<LogPosition, KvError> {
         self.check(&token)?;
         let mut d = self.data.lock().unwrap();
+        self.land_queued(&mut d);
         self.fence(&mut d, epoch)?;
         if after < d.snap_seq {
             *d = Data {
@@ -417,6 +445,7 @@ async fn start_fake(name: &str, registry: String, data: Arc<Mutex<Data>>) -> Fak
         data,
         failing: Arc::new(AtomicBool::new(false)),
         silent: Arc::new(AtomicBool::new(false)),
+        queue_next_append: Arc::new(AtomicBool::new(false)),
         read_many_calls: Arc::default(),
     };
     let server = fake.clone();
@@ -1014,5 +1043,43 @@ async fn frontend_with_lost_state_adopts_the_nodes_and_jumps_past_their_epoch() 
     );
     assert_eq!(fe.get("k2").await.unwrap().value, "v");
     fe.put("w", 10, "after", "v").await.unwrap();
+    fe.stop().await;
+}
+
+/// Property: an append the frontend gave up on but that a node still had queued is
+/// counted by recovery. Recovery fences every node through its write queue, so the node's
+/// log end includes that append and the next epoch continues after it. (Before the fence,
+/// recovery read the log end beside the queue: the queued records landed after the truth
+/// was chosen, and the next write, given the same seq, was taken for a copy of them and
+/// acknowledged without being stored.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_counts_an_append_still_queued_on_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let fe = start_frontend(config(dir.path())).await;
+    let a = start_fake("a", fe.registry.clone(), Default::default()).await;
+    fe.wait_in_sync(1).await;
+    let v1 = fe.put("alice", 1, "k1", "v1").await.unwrap().version;
+
+    a.queue_next_append.store(true, Ordering::SeqCst);
+    let r = fe.put("alice", 2, "k2", "queued").await;
+    // The append is queued on the node, and recovery (already under way) fences it.
+    assert!(matches!(r, Err(KvError::Timeout(_))), "{r:?}");
+
+    let v3 = fe.put_retrying("alice", 3, "k3", "v3").await.version;
+    let got = fe
+        .get("k3")
+        .await
+        .expect("k3 was acknowledged, so it is stored");
+    assert_eq!((got.value.as_str(), got.version), ("v3", v3));
+    let (pos, items) = a.contents();
+    assert_eq!(
+        pos.seq, v3,
+        "the node's log ends at the last acknowledged write"
+    );
+    assert!(
+        items.contains(&("k2".into(), "queued".into(), Seq(v1.0 + 1))),
+        "the queued append landed right after k1: {items:?}"
+    );
+    assert!(v3 > Seq(v1.0 + 1), "k3 came after the queued append");
     fe.stop().await;
 }

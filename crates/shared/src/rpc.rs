@@ -77,6 +77,8 @@ pub trait Storage {
         min_seq: Seq,
     ) -> Result<ScanReply, KvError>;
     /// Drops every record after `after` (a divergent tail) and returns the new log end.
+    /// Handled in order with appends, after fencing at `epoch`; with `after` at or past
+    /// the log end it cuts nothing and is the frontend's fence (`Pool::fence`).
     async fn truncate(token: String, epoch: Epoch, after: Seq) -> Result<LogPosition, KvError>;
     /// Up to `max` records starting at `from`, or `SnapshotNeeded` when they were compacted.
     async fn fetch(token: String, from: Seq, max: u32) -> Result<FetchReply, KvError>;

@@ -408,6 +408,13 @@ impl Store {
         outcome
     }
 
+    /// The epoch of the record at `seq`, if it is still in memory (after the newest
+    /// snapshot).
+    pub fn epoch_at(&self, seq: Seq) -> Option<Epoch> {
+        let first = self.tail.front()?.seq;
+        (seq >= first && seq <= self.pos.seq).then(|| self.tail[(seq.0 - first.0) as usize].epoch)
+    }
+
     /// The outcome a record already in the log had, for an `append` that re-sends it.
     /// Records older than the newest snapshot fall back to the exactly-once table.
     pub fn outcome_of(&self, r: &Record) -> Outcome {

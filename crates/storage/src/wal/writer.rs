@@ -467,6 +467,22 @@ impl Writer {
             .iter()
             .position(|r| r.seq >= next)
             .unwrap_or(records.len());
+        // Records already in the log are answered from it, but only if they are the same
+        // records: the same seq from another epoch is a diverged log, never a retry.
+        {
+            let store = self.state.store();
+            for r in &records[..first_new] {
+                match store.epoch_at(r.seq) {
+                    Some(e) if e != r.epoch => {
+                        return Err(KvError::Internal(format!(
+                            "diverged log: seq {} is from epoch {e} here, the append has it from epoch {}",
+                            r.seq, r.epoch
+                        )))
+                    }
+                    _ => {}
+                }
+            }
+        }
         match records.get(first_new) {
             Some(r) if r.seq != next => Err(KvError::Gap { expected: next }),
             _ => Ok(first_new),
@@ -528,14 +544,14 @@ impl Writer {
             return Err(e);
         }
         self.observe_epoch(epoch)?;
-        self.join_snapshot();
-        let (pos, snap) = {
-            let s = self.state.store();
-            (s.pos(), s.snapshot_pos().seq)
-        };
+        let pos = self.state.store().pos();
         if after >= pos.seq {
+            // Nothing to cut: a fence. The epoch is persisted and, the writer being one
+            // queue, `pos` counts every append queued before this command.
             return Ok(pos);
         }
+        self.join_snapshot();
+        let snap = self.state.store().snapshot_pos().seq;
         let dir = self.state.dir.clone();
         let result = if after < snap {
             wipe(&dir)
@@ -737,7 +753,7 @@ mod tests {
     #[tokio::test]
     async fn skip_gap_fence_and_epoch_persisted() {
         let dir = tempfile::tempdir().unwrap();
-        let (_state, w, t) = open(dir.path(), 1_000_000);
+        let (state, w, t) = open(dir.path(), 1_000_000);
         assert_eq!(
             w.append(Epoch(2), Seq(0), vec![put(1, "a", "1"), put(2, "b", "2")])
                 .await
@@ -765,6 +781,17 @@ mod tests {
             w.append(Epoch(1), Seq(0), vec![put(4, "d", "4")]).await,
             Err(KvError::Fenced { seen: 2 })
         );
+        // The same seq from another epoch is not a re-send: a diverged log is refused.
+        let mut other = put(3, "c", "other");
+        other.epoch = Epoch(2);
+        let r = w
+            .append(Epoch(2), Seq(0), vec![other, put(4, "d", "4")])
+            .await;
+        assert!(
+            matches!(&r, Err(KvError::Internal(m)) if m.contains("diverged log: seq 3")),
+            "{r:?}"
+        );
+        assert_eq!(state.store().pos().seq, Seq(3), "nothing of it was written");
         w.close().await;
         tokio::task::spawn_blocking(move || t.join()).await.unwrap();
         assert_eq!(read_epoch(dir.path()).unwrap(), Epoch(2));
@@ -773,7 +800,7 @@ mod tests {
     #[tokio::test]
     async fn snapshots_trim_the_wal_and_truncate_rebuilds() {
         let dir = tempfile::tempdir().unwrap();
-        let (state, w, t) = open(dir.path(), 10);
+        let (_, w, t) = open(dir.path(), 10);
         for i in 1..=35 {
             w.append(
                 Epoch(1),
@@ -783,8 +810,12 @@ mod tests {
             .await
             .unwrap();
         }
-        // Wait for the background snapshot to finish, then check the directory.
-        w.truncate(Epoch(1), Seq(35)).await.unwrap();
+        // Closing the writer waits for the background snapshot; check the directory, then
+        // go on with a writer on the recovered node.
+        w.close().await;
+        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+        let (state, w, t) = open(dir.path(), 10);
+        assert_eq!(state.store().pos().seq, Seq(35));
         let snaps = snapshot::list(dir.path()).unwrap();
         assert_eq!(snaps.len(), 1, "older snapshots removed: {snaps:?}");
         // The snapshot was written while appends went on: it must hold exactly its prefix.
