@@ -8,13 +8,16 @@
 //!   sleep to synchronise.
 //! - [`NodeProcess`] owns a `Child`; stdout and stderr go to `<dir>/<name>.log` (appended
 //!   across restarts). `kill` is SIGKILL (the crash under test), `terminate` SIGTERM,
-//!   `pause`/`resume` SIGSTOP/SIGCONT. `Drop` kills and reaps, also when a test panics.
+//!   `pause`/`resume` SIGSTOP/SIGCONT, each sent to the child's own process group (so a
+//!   node under `strace -f` goes with its tracer). `Drop` kills and reaps, also when a
+//!   test panics.
 //! - [`TestDir`] is a `TempDir` that is kept (and its path printed) with `WALKV_KEEP_TMP=1`.
 
 use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io::{Read, Seek, SeekFrom};
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -201,9 +204,12 @@ impl NodeProcess {
         self.child.id()
     }
 
-    /// SIGKILL and reap: the crash every durability test is about.
+    /// SIGKILL and reap: the crash every durability test is about. The whole process
+    /// group goes: a node run under `strace -f` (the chaos disk-error fault) would
+    /// otherwise outlive its tracer, detached, and keep running after the test.
     pub fn kill(&mut self) {
         if self.exited.is_none() {
+            self.signal_group("-KILL");
             // The child may already have exited; kill then fails and wait reaps it.
             let _ = self.child.kill();
             self.exited = self.child.wait().ok();
@@ -225,14 +231,22 @@ impl NodeProcess {
         self.signal("-CONT");
     }
 
+    /// Sends `sig` to the child's process group (the child and, under `strace`, the
+    /// traced node), so a pause or a shutdown reaches the node itself.
     fn signal(&self, sig: &str) {
         if self.is_alive() {
-            let status = Command::new("kill")
-                .args([sig, &self.pid().to_string()])
-                .status()
-                .expect("run kill(1)");
-            assert!(status.success(), "kill {sig} {} failed", self.pid());
+            assert!(self.signal_group(sig), "kill {sig} {} failed", self.pid());
         }
+    }
+
+    /// `kill(1)` on the child's process group (its pid: see [`start`]); false if nothing
+    /// was signalled.
+    fn signal_group(&self, sig: &str) -> bool {
+        Command::new("kill")
+            .args([sig, "--", &format!("-{}", self.pid())])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
     }
 
     /// Kills the process if it runs, then starts it again with the same binary and args.
@@ -342,6 +356,8 @@ fn start(bin: &Path, args: &[String], env: &[(String, String)], log_path: &Path)
     let err = log.try_clone().expect("clone log file handle");
     let mut cmd = Command::new(bin);
     cmd.args(args).stdin(Stdio::null()).stdout(log).stderr(err);
+    // Its own process group, so `NodeProcess` can signal everything it started.
+    cmd.process_group(0);
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
     }
@@ -351,4 +367,34 @@ fn start(bin: &Path, args: &[String], env: &[(String, String)], log_path: &Path)
     }
     cmd.spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Property: `kill` takes the child's own children with it (a node under `strace -f`
+    /// is the tracer's child). Fails if only the direct child is signalled: the `sleep`
+    /// is then orphaned and lives on.
+    #[test]
+    fn kill_takes_the_whole_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = ["-c".to_string(), "sleep 60 & echo $!; wait".to_string()];
+        let mut p = NodeProcess::spawn("sh", Path::new("sh"), &args, dir.path());
+        let mut grandchild = None;
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                grandchild = p.log().trim().parse::<u32>().ok();
+                grandchild.is_some()
+            }),
+            "the shell printed its child's pid"
+        );
+        let proc_dir = format!("/proc/{}", grandchild.unwrap());
+        assert!(Path::new(&proc_dir).exists(), "the sleep runs");
+        p.kill();
+        assert!(
+            wait_until(Duration::from_secs(10), || !Path::new(&proc_dir).exists()),
+            "the sleep was killed with its parent"
+        );
+    }
 }
