@@ -738,7 +738,15 @@ async fn operations_replicate_to_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_reads_are_batched_and_each_gets_its_own_answer() {
     let dir = tempfile::tempdir().unwrap();
-    let fe = start_frontend(config(dir.path())).await;
+    // Nothing here is about timeouts: generous ones keep a starved CI host (a debug build
+    // beside the other tests on 2 cores) from failing a batch that is only slow.
+    let fe = start_frontend(Config {
+        rpc_timeout_ms: 5_000,
+        request_timeout_ms: 10_000,
+        failure_timeout_ms: 5_000,
+        ..config(dir.path())
+    })
+    .await;
     let a = start_fake("a", fe.registry.clone(), Default::default()).await;
     fe.wait_in_sync(1).await;
     const KEYS: u64 = 40;
