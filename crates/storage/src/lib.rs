@@ -14,7 +14,7 @@
 //! - [`server`]: `StorageServer`, the RPC adapter (token check, fencing via the writer).
 //! - [`registration`]: register + heartbeat loop against the frontend's `Registry`.
 //! - [`metrics`]: Prometheus metrics (fsync latency, batch sizes, WAL bytes, snapshots).
-//! - [`tools`]: the offline `storage wal verify|dump|bench|store-bench` subcommands.
+//! - [`tools`]: the offline `storage wal verify|dump|bench|store-bench|sync-bench` subcommands.
 //!
 //! # Lifecycle
 //!

@@ -3,7 +3,8 @@
 //! Keeps a full copy of the data in a JSON write-ahead log under `--data-dir`, serves the
 //! frontend's replication and read RPCs on `--listen`, and registers with the frontend at
 //! `--frontend`. `storage wal verify|dump|bench|store-bench --data-dir D` inspect a data
-//! directory offline or measure the WAL and the in-memory store. Exit codes: 0 ok, 1
+//! directory offline or measure the WAL and the in-memory store; `storage wal sync-bench
+//! --dir D` measures the disk's parallel-fdatasync floor. Exit codes: 0 ok, 1
 //! refused to start (config, lock, corruption), 3 stopped by a disk error (fail-stop) or
 //! refused by the frontend.
 
@@ -88,6 +89,23 @@ enum WalCommand {
         /// Snapshot every N records, as a node does (default: never).
         #[arg(long)]
         snapshot_every: Option<u64>,
+    },
+    /// Measure the disk's floor under a replicated write: 1..=N preallocated files, each
+    /// written and fdatasynced by its own thread, all at once, round after round (N = 3 is
+    /// one group commit of three storage nodes sharing this disk).
+    SyncBench {
+        /// Directory for the temporary files (on the disk to measure).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Most files synced in parallel; every count from 1 up is measured.
+        #[arg(long, default_value_t = 3)]
+        files: usize,
+        /// Rounds per file count.
+        #[arg(long, default_value_t = 2000)]
+        rounds: u64,
+        /// Bytes written per file per round (one small group commit).
+        #[arg(long, default_value_t = 300)]
+        bytes: usize,
     },
     /// Load N keys into an in-memory store and report RSS per key, the writer's stall
     /// when it takes a snapshot, apply latency with and without one, and recovery time.
@@ -232,6 +250,16 @@ async fn wal_tool(cmd: &WalCommand) -> ExitCode {
         )
         .await
         .map(|r| println!("writers {writers}: {r}")),
+        WalCommand::SyncBench {
+            dir,
+            files,
+            rounds,
+            bytes,
+        } => tools::sync_bench(dir, *files, *rounds, *bytes).map(|reports| {
+            for r in reports {
+                println!("{r}");
+            }
+        }),
         WalCommand::StoreBench {
             dir,
             recover_only: true,

@@ -1,4 +1,4 @@
-//! Offline tools behind `storage wal verify|dump|bench|store-bench`.
+//! Offline tools behind `storage wal verify|dump|bench|store-bench|sync-bench`.
 //!
 //! - `verify` reads a data directory without changing it and checks the snapshot
 //!   checksum, every record checksum and seq continuity; a torn last line is reported but
@@ -9,6 +9,8 @@
 //! - `store-bench` loads N keys into an in-memory [`Store`] and reports RSS per key, how
 //!   long the writer stalls to take a snapshot, `apply` latency with and without a
 //!   snapshot alive, and recovery time from it: also a benchmark.
+//! - `sync-bench` times 1..=N threads writing and `fdatasync`ing preallocated files at
+//!   once: the floor the disk puts under a group commit of N nodes sharing it.
 
 use crate::store::Store;
 use crate::wal::writer::{read_epoch, NodeState, WalWriter, WriterConfig};
@@ -496,4 +498,151 @@ pub fn recover_bench(dir: &Path) -> Result<String, String> {
         elapsed.as_millis(),
         started.elapsed().as_millis(),
     ))
+}
+
+/// Round latency of `sync-bench` for one number of files.
+#[derive(Debug, Clone)]
+pub struct SyncRoundReport {
+    /// Files written and synced in parallel each round.
+    pub files: usize,
+    /// Rounds measured.
+    pub rounds: u64,
+    /// Median round, µs.
+    pub p50_us: u64,
+    /// 90th percentile round, µs.
+    pub p90_us: u64,
+    /// 99th percentile round, µs.
+    pub p99_us: u64,
+    /// Slowest round, µs.
+    pub max_us: u64,
+}
+
+impl std::fmt::Display for SyncRoundReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} file(s) synced in parallel: {} rounds, p50 {} us, p90 {} us, p99 {} us, max {} us",
+            self.files, self.rounds, self.p50_us, self.p90_us, self.p99_us, self.max_us
+        )
+    }
+}
+
+/// `storage wal sync-bench`: the disk's own floor under a replicated write. For each
+/// `n` in `1..=files`, `n` threads each write `bytes` into a preallocated file (as a WAL
+/// segment is, see [`crate::wal::file`]) and `fdatasync` it, all starting together, for
+/// `rounds` rounds; a round lasts until the last of them is durable. `n` = 3 is what one
+/// group commit costs three storage nodes sharing this disk before any network or CPU
+/// work. The files live in `dir` and are removed afterwards.
+pub fn sync_bench(
+    dir: &Path,
+    files: usize,
+    rounds: u64,
+    bytes: usize,
+) -> Result<Vec<SyncRoundReport>, String> {
+    use crate::wal::disk::{Disk, DiskFile, RealDisk};
+    use std::sync::Barrier;
+    if !dir.is_dir() {
+        return Err(format!("{}: not a directory", dir.display()));
+    }
+    let bytes = bytes.max(1);
+    let payload = vec![b'x'; bytes];
+    let mut reports = Vec::new();
+    for n in 1..=files.max(1) {
+        let paths: Vec<_> = (0..n)
+            .map(|i| dir.join(format!("sync-bench-{}-{i}.tmp", std::process::id())))
+            .collect();
+        let mut handles: Vec<Box<dyn DiskFile>> = Vec::new();
+        let mut opened = || -> std::io::Result<()> {
+            for path in &paths {
+                let mut f = RealDisk.create_new(dir, path)?;
+                f.extend_zeroed(0, rounds * bytes as u64)?;
+                f.sync_data()?;
+                handles.push(f);
+            }
+            Ok(())
+        };
+        let result = opened().map_err(|e| format!("{}: {e}", dir.display()));
+        let result = result.and_then(|()| {
+            // Two barriers per round: everyone starts together, and the round ends when
+            // the last file is durable.
+            let start = Arc::new(Barrier::new(n + 1));
+            let done = Arc::new(Barrier::new(n + 1));
+            let threads: Vec<_> = handles
+                .drain(..)
+                .map(|mut f| {
+                    let (start, done, payload) = (start.clone(), done.clone(), payload.clone());
+                    std::thread::spawn(move || {
+                        let mut failed = None;
+                        for round in 0..rounds {
+                            start.wait();
+                            if failed.is_none() {
+                                let at = round * payload.len() as u64;
+                                failed =
+                                    f.write_at(&payload, at).and_then(|()| f.sync_data()).err();
+                            }
+                            done.wait();
+                        }
+                        failed.map_or(Ok(()), Err)
+                    })
+                })
+                .collect();
+            let mut hist = hdrhistogram::Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+            for _ in 0..rounds {
+                let t = Instant::now();
+                start.wait();
+                done.wait();
+                hist.record(t.elapsed().as_micros() as u64)
+                    .map_err(|e| e.to_string())?;
+            }
+            for t in threads {
+                t.join()
+                    .map_err(|_| "a sync-bench thread panicked".to_string())?
+                    .map_err(|e| format!("write or fdatasync in {}: {e}", dir.display()))?;
+            }
+            Ok(SyncRoundReport {
+                files: n,
+                rounds: hist.len(),
+                p50_us: hist.value_at_quantile(0.5),
+                p90_us: hist.value_at_quantile(0.9),
+                p99_us: hist.value_at_quantile(0.99),
+                max_us: hist.max(),
+            })
+        });
+        for path in &paths {
+            let _ = std::fs::remove_file(path);
+        }
+        reports.push(result?);
+    }
+    Ok(reports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_bench_times_every_round_for_each_file_count_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let reports = sync_bench(dir.path(), 3, 25, 300).unwrap();
+        assert_eq!(
+            reports.iter().map(|r| r.files).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        for r in &reports {
+            assert_eq!(r.rounds, 25, "{r}");
+            assert!(r.p50_us <= r.p99_us && r.p99_us <= r.max_us, "{r}");
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "the bench's files are removed"
+        );
+    }
+
+    #[test]
+    fn sync_bench_refuses_a_missing_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = sync_bench(&dir.path().join("nope"), 1, 1, 10).unwrap_err();
+        assert!(err.contains("not a directory"), "{err}");
+    }
 }
