@@ -379,7 +379,15 @@ async fn redis_benchmark_set_get_end_to_end() {
         return;
     }
     let n = std::env::var("WALKV_REDIS_BENCH_N").unwrap_or_else(|_| "100000".into());
-    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    // A load test, not a fault test: on a starved CI host (debug build, 2 cores, fsync on)
+    // a group commit once took longer than the default 1 s RPC timeout, the node left the
+    // in-sync set and a SET failed. Every SET must still succeed, so give the nodes time.
+    let cluster = TestCluster::start(ClusterOptions {
+        rpc_timeout_ms: 3000,
+        failure_timeout_ms: 3000,
+        ..ClusterOptions::default()
+    })
+    .await;
     let (h, p) = host_port(&cluster.resp_addr);
     let out = run(
         400,
