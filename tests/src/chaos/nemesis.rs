@@ -1,5 +1,5 @@
 //! The nemesis: a seeded schedule of faults (pure) and the code that applies them to a
-//! [`TestCluster`] and its proxies.
+//! [`TestCluster`](crate::cluster::TestCluster) and its proxies.
 //!
 //! [`schedule`] turns `(seed, duration)` into a list of [`Step`]s: a quiet start, then
 //! faults one at a time, each held for a while and then healed, with quiet gaps between.

@@ -9,7 +9,7 @@
 //!   of the rest of the line, then `seq`, `epoch`, `client`, `op_no` and the operation.
 //!   Records are consecutive: each seq is exactly one more than the previous one, across
 //!   segments too. A segment may end in zero bytes, space the writer preallocated
-//!   (see [`file`]); the records end at its last non-zero byte.
+//!   (see [`file`](mod@file)); the records end at its last non-zero byte.
 //! - `snapshot-<seq, 20 digits>.json`: the state after record `seq` (see [`crate::snapshot`]).
 //! - `epoch`: the highest frontend epoch the node has seen (written atomically).
 //! - `LOCK`: locked by the running process; a second process refuses to start.
