@@ -154,12 +154,14 @@ mod tests {
         assert_eq!(d.error, None);
     }
 
-    #[test]
-    fn truncation_at_every_offset_recovers_exactly_the_complete_prefix() {
+    /// For every cut of an 8-record log, decodes `torn(bytes, cut)` and checks that exactly
+    /// the records wholly before the cut come back and the rest is a torn tail, never
+    /// corruption.
+    fn assert_every_cut_recovers_the_complete_prefix(torn: impl Fn(&[u8], usize) -> Vec<u8>) {
         let (records, bytes) = log(8);
         let ends = decode(&bytes, Seq(1)).ends;
         for cut in 0..=bytes.len() {
-            let d = decode(&bytes[..cut], Seq(1));
+            let d = decode(&torn(&bytes, cut), Seq(1));
             let complete = ends.iter().filter(|&&e| e as usize <= cut).count();
             assert_eq!(d.records, records[..complete], "cut at {cut}");
             let prefix_end = if complete == 0 { 0 } else { ends[complete - 1] };
@@ -167,9 +169,14 @@ mod tests {
             match d.error {
                 None => assert_eq!(cut as u64, prefix_end),
                 Some(DecodeError::TornTail { offset, .. }) => assert_eq!(offset, prefix_end),
-                Some(e) => panic!("cut at {cut}: a truncated log is torn, not corrupt: {e:?}"),
+                Some(e) => panic!("cut at {cut}: a torn write is not corruption: {e:?}"),
             }
         }
+    }
+
+    #[test]
+    fn truncation_at_every_offset_recovers_exactly_the_complete_prefix() {
+        assert_every_cut_recovers_the_complete_prefix(|bytes, cut| bytes[..cut].to_vec());
     }
 
     #[test]
@@ -191,22 +198,11 @@ mod tests {
     #[test]
     fn truncation_into_a_zero_tail_recovers_exactly_the_complete_prefix() {
         // A torn write over preallocated space: a prefix of the bytes, then the zeros.
-        let (records, bytes) = log(8);
-        let ends = decode(&bytes, Seq(1)).ends;
-        for cut in 0..=bytes.len() {
+        assert_every_cut_recovers_the_complete_prefix(|bytes, cut| {
             let mut torn = bytes[..cut].to_vec();
             torn.resize(bytes.len() + 512, 0);
-            let d = decode(&torn, Seq(1));
-            let complete = ends.iter().filter(|&&e| e as usize <= cut).count();
-            assert_eq!(d.records, records[..complete], "cut at {cut}");
-            let prefix_end = if complete == 0 { 0 } else { ends[complete - 1] };
-            assert_eq!(d.valid_len, prefix_end, "cut at {cut}");
-            match d.error {
-                None => assert_eq!(cut as u64, prefix_end),
-                Some(DecodeError::TornTail { offset, .. }) => assert_eq!(offset, prefix_end),
-                Some(e) => panic!("cut at {cut}: a torn write is not corruption: {e:?}"),
-            }
-        }
+            torn
+        });
     }
 
     #[test]

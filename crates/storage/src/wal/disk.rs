@@ -58,17 +58,22 @@ impl DiskFile for File {
         self.write_all_at(bytes, offset)
     }
     fn extend_zeroed(&mut self, from: u64, to: u64) -> io::Result<()> {
-        let mut at = from;
-        while at < to {
-            let n = (to - at).min(ZEROS.len() as u64);
-            self.write_all_at(&ZEROS[..n as usize], at)?;
-            at += n;
-        }
-        Ok(())
+        write_zeros(self, from, to)
     }
     fn sync_data(&mut self) -> io::Result<()> {
         File::sync_data(self)
     }
+}
+
+/// Writes zeros over `from..to` of `file`, a slice of [`ZEROS`] at a time.
+fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(ZEROS.len() as u64);
+        file.write_all_at(&ZEROS[..n as usize], at)?;
+        at += n;
+    }
+    Ok(())
 }
 
 /// Opened for positioned writes. Never `O_APPEND`: Linux would then ignore the offset of
@@ -176,12 +181,7 @@ impl SimDisk {
             let len = d.len.max(keep);
             let f = open_for_writes(path)?;
             f.set_len(len)?;
-            let mut at = keep;
-            while at < len {
-                let n = (len - at).min(ZEROS.len() as u64);
-                f.write_all_at(&ZEROS[..n as usize], at)?;
-                at += n;
-            }
+            write_zeros(&f, keep, len)?;
         }
         Ok(())
     }
