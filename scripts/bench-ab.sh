@@ -9,6 +9,9 @@
 #
 # A and B are directories holding frontend, storage and client. The cases (CASES) are
 # put-1, put-64 and get-64, with --keys 10000 and a one-thread bench (--threads 1).
+# A_FLAGS and B_FLAGS add bench flags to one side, to compare two settings of one build:
+#
+#   A=target/release B=target/release A_FLAGS="--connections 16" scripts/bench-ab.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${A:?A=dir of the first build}" "${B:?B=dir of the second build}"
@@ -36,6 +39,8 @@ trap stop_cluster EXIT INT TERM
 for round in $(seq 1 "$ROUNDS"); do
   for side in A B; do
     bin=${!side}
+    side_flags_var=${side}_FLAGS
+    side_flags=${!side_flags_var:-}
     log=$(mktemp /tmp/walkv-ab-cluster.XXXXXX)
     BIN=$bin BASE=$BASE scripts/bench-cluster.sh >"$log" 2>&1 &
     cluster=$!
@@ -57,7 +62,7 @@ for round in $(seq 1 "$ROUNDS"); do
       s0=$(steal) t0=$(date +%s%N)
       # shellcheck disable=SC2086
       json=$( { /usr/bin/time -f "bench-cpu %U %S" "$bin/client" --id ab --frontend "127.0.0.1:$BASE" \
-        --json bench $flags --threads 1 --duration "$SECS" --keys 10000 2>&1 >&3 | grep '^bench-cpu'; } 3>&1 )
+        --json bench $flags $side_flags --threads 1 --duration "$SECS" --keys 10000 2>&1 >&3 | grep '^bench-cpu'; } 3>&1 )
       s1=$(steal) t1=$(date +%s%N)
       servers1=0; for p in $pids; do servers1=$((servers1 + $(ticks "$p"))); done
       echo "$json" | python3 -c '

@@ -26,18 +26,9 @@ fn main() {
     walkv_shared::telemetry::init_with_default("warn");
     let args = cli::Args::parse();
     // One thread is plenty for one command. The bench gets a worker per core for encoding
-    // and decoding, but never more workers than clients: with one client a second worker
-    // only adds a cross-thread wake-up to every request (PUT-1 p50 measured 402-410 us with
-    // two workers, 332-362 us with one). `--threads` overrides it; 1 runs the bench on the
-    // current-thread scheduler.
+    // and decoding (see `BenchArgs::threads`); 1 runs it on the current-thread scheduler.
     let runtime = match &args.command {
-        Some(cli::Command::Bench(b)) => {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let threads = b
-                .threads
-                .unwrap_or_else(|| cores.min(b.clients.max(1) as usize) as u32);
-            walkv_shared::runtime::build(threads)
-        }
+        Some(cli::Command::Bench(b)) => walkv_shared::runtime::build(b.threads()),
         _ => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),

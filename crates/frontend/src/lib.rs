@@ -67,13 +67,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch as signal, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
-use walkv_shared::conn::serve_requests;
+use walkv_shared::conn::{serve_requests, MAX_IN_FLIGHT_PER_CONN};
 use walkv_shared::rpc::{Frontend, Registry};
 use walkv_shared::transport::json_transport;
 
-/// Requests served concurrently on one connection. Below tarpc's pending response buffer
-/// (100), because tarpc only writes responses while the request stream is polled.
-pub const MAX_IN_FLIGHT_PER_CONN: usize = 64;
 /// Largest frame on the registry listener: registrations and heartbeats are small.
 pub const REGISTRY_MAX_FRAME: usize = 1 << 20;
 

@@ -18,6 +18,12 @@ use std::future::Future;
 use std::pin::pin;
 use std::task::Poll;
 
+/// Requests a walkv server (frontend or storage node) runs at once per connection; more
+/// wait in the socket. Below tarpc's `pending_response_buffer` (100), because tarpc only
+/// writes responses while the request stream is polled. A client that wants more requests
+/// in flight than this opens more connections (as `client bench` does).
+pub const MAX_IN_FLIGHT_PER_CONN: usize = 64;
+
 /// Runs `f(item)` for every item of `requests`, at most `limit` at a time, until the stream
 /// has ended and every started future has finished. Within one wake-up, every future that
 /// can finish does so before the stream is polled again (see the module doc).

@@ -53,13 +53,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 use wal::writer::{read_epoch, NodeState, WalWriter, WriterConfig, WriterThread};
-use walkv_shared::conn::serve_requests;
+use walkv_shared::conn::{serve_requests, MAX_IN_FLIGHT_PER_CONN};
 use walkv_shared::rpc::Storage;
 use walkv_shared::{transport, NodeId};
-
-/// Requests served concurrently per connection. Below tarpc's `pending_response_buffer`
-/// (100): tarpc only writes responses while the request stream is polled.
-pub const MAX_IN_FLIGHT_PER_CONN: usize = 64;
 
 /// How often shutdown checks whether in-flight requests have finished, and how long it
 /// then lets tarpc flush their responses.
