@@ -106,6 +106,10 @@ enum WalCommand {
         /// Bytes written per file per round (one small group commit).
         #[arg(long, default_value_t = 300)]
         bytes: usize,
+        /// Grow the files with every write instead of overwriting preallocated zeros (how
+        /// WAL segments were written before preallocation), to compare the two.
+        #[arg(long)]
+        append: bool,
     },
     /// Load N keys into an in-memory store and report RSS per key, the writer's stall
     /// when it takes a snapshot, apply latency with and without one, and recovery time.
@@ -255,7 +259,8 @@ async fn wal_tool(cmd: &WalCommand) -> ExitCode {
             files,
             rounds,
             bytes,
-        } => tools::sync_bench(dir, *files, *rounds, *bytes).map(|reports| {
+            append,
+        } => tools::sync_bench(dir, *files, *rounds, *bytes, *append).map(|reports| {
             for r in reports {
                 println!("{r}");
             }

@@ -9,8 +9,9 @@
 //! - `store-bench` loads N keys into an in-memory [`Store`] and reports RSS per key, how
 //!   long the writer stalls to take a snapshot, `apply` latency with and without a
 //!   snapshot alive, and recovery time from it: also a benchmark.
-//! - `sync-bench` times 1..=N threads writing and `fdatasync`ing preallocated files at
-//!   once: the floor the disk puts under a group commit of N nodes sharing it.
+//! - `sync-bench` times 1..=N threads writing and `fdatasync`ing preallocated (or, with
+//!   `--append`, growing) files at once: the floor the disk puts under a group commit of N
+//!   nodes sharing it, with the block writes and cache flushes each call cost the device.
 
 use crate::store::Store;
 use crate::wal::writer::{read_epoch, NodeState, WalWriter, WriterConfig};
@@ -515,21 +516,103 @@ pub struct SyncRoundReport {
     pub p99_us: u64,
     /// Slowest round, µs.
     pub max_us: u64,
+    /// The files grew with every write instead of overwriting preallocated zeros.
+    pub append: bool,
+    /// Block writes and cache flushes the device completed per `fdatasync`, from
+    /// `/proc/diskstats`; `None` where the directory's device is not listed there (tmpfs,
+    /// overlay). They count the whole device, other processes' IO included.
+    pub io: Option<IoPerSync>,
+}
+
+/// What one `fdatasync` cost the device, on average.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IoPerSync {
+    /// Write requests completed.
+    pub writes: f64,
+    /// Cache flush requests completed (`None` on kernels before 5.5, which do not count them).
+    pub flushes: Option<f64>,
+}
+
+/// A block device's cumulative request counters (`/proc/diskstats`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskCounters {
+    /// Writes completed (the 5th statistic).
+    pub writes: u64,
+    /// Flush requests completed (the 15th statistic, kernel 5.5 and later).
+    pub flushes: Option<u64>,
+}
+
+impl DiskCounters {
+    /// What happened between `self` and `later`, per one of `syncs` calls.
+    pub fn per_sync(&self, later: &DiskCounters, syncs: u64) -> IoPerSync {
+        let per = |a: u64, b: u64| b.saturating_sub(a) as f64 / syncs.max(1) as f64;
+        IoPerSync {
+            writes: per(self.writes, later.writes),
+            flushes: self.flushes.zip(later.flushes).map(|(a, b)| per(a, b)),
+        }
+    }
+}
+
+/// Splits a `st_dev` into (major, minor) the way glibc's `gnu_dev_major`/`minor` do. Pure.
+pub fn dev_major_minor(dev: u64) -> (u64, u64) {
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & 0xffff_f000);
+    let minor = (dev & 0xff) | ((dev >> 12) & 0xffff_ff00);
+    (major, minor)
+}
+
+/// The counters of device `major:minor` in the text of `/proc/diskstats`. Pure.
+pub fn parse_diskstats(text: &str, major: u64, minor: u64) -> Option<DiskCounters> {
+    text.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+        (num(0)? == major && num(1)? == minor).then_some(DiskCounters {
+            writes: num(7)?,
+            flushes: num(18),
+        })
+    })
+}
+
+/// The counters of the device holding `dir`, if `/proc/diskstats` lists it.
+fn disk_counters(dir: &Path) -> Option<DiskCounters> {
+    use std::os::unix::fs::MetadataExt;
+    let (major, minor) = dev_major_minor(std::fs::metadata(dir).ok()?.dev());
+    parse_diskstats(
+        &std::fs::read_to_string("/proc/diskstats").ok()?,
+        major,
+        minor,
+    )
 }
 
 impl std::fmt::Display for SyncRoundReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} file(s) synced in parallel: {} rounds, p50 {} us, p90 {} us, p99 {} us, max {} us",
-            self.files, self.rounds, self.p50_us, self.p90_us, self.p99_us, self.max_us
-        )
+            "{} {} file(s) synced in parallel: {} rounds, p50 {} us, p90 {} us, p99 {} us, max {} us",
+            self.files,
+            if self.append { "appended" } else { "preallocated" },
+            self.rounds,
+            self.p50_us,
+            self.p90_us,
+            self.p99_us,
+            self.max_us
+        )?;
+        match self.io {
+            Some(IoPerSync { writes, flushes }) => {
+                write!(f, "; per fdatasync the device did {writes:.2} writes")?;
+                match flushes {
+                    Some(fl) => write!(f, " and {fl:.2} cache flushes"),
+                    None => write!(f, " (flushes not counted by this kernel)"),
+                }
+            }
+            None => write!(f, "; the device's IO counters are not in /proc/diskstats"),
+        }
     }
 }
 
 /// `storage wal sync-bench`: the disk's own floor under a replicated write. For each
 /// `n` in `1..=files`, `n` threads each write `bytes` into a preallocated file (as a WAL
-/// segment is, see [`crate::wal::file`]) and `fdatasync` it, all starting together, for
+/// segment is, see [`crate::wal::file`]; with `append`, into a file that grows, as
+/// segments were before preallocation) and `fdatasync` it, all starting together, for
 /// `rounds` rounds; a round lasts until the last of them is durable. `n` = 3 is what one
 /// group commit costs three storage nodes sharing this disk before any network or CPU
 /// work. The files live in `dir` and are removed afterwards.
@@ -538,6 +621,7 @@ pub fn sync_bench(
     files: usize,
     rounds: u64,
     bytes: usize,
+    append: bool,
 ) -> Result<Vec<SyncRoundReport>, String> {
     use crate::wal::disk::{Disk, DiskFile, RealDisk};
     use std::sync::Barrier;
@@ -555,7 +639,9 @@ pub fn sync_bench(
         let mut opened = || -> std::io::Result<()> {
             for path in &paths {
                 let mut f = RealDisk.create_new(dir, path)?;
-                f.extend_zeroed(0, rounds * bytes as u64)?;
+                if !append {
+                    f.extend_zeroed(0, rounds * bytes as u64)?;
+                }
                 f.sync_data()?;
                 handles.push(f);
             }
@@ -587,6 +673,7 @@ pub fn sync_bench(
                 })
                 .collect();
             let mut hist = hdrhistogram::Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+            let counters_before = disk_counters(dir);
             for _ in 0..rounds {
                 let t = Instant::now();
                 start.wait();
@@ -599,6 +686,9 @@ pub fn sync_bench(
                     .map_err(|_| "a sync-bench thread panicked".to_string())?
                     .map_err(|e| format!("write or fdatasync in {}: {e}", dir.display()))?;
             }
+            let io = counters_before
+                .zip(disk_counters(dir))
+                .map(|(before, after)| before.per_sync(&after, rounds * n as u64));
             Ok(SyncRoundReport {
                 files: n,
                 rounds: hist.len(),
@@ -606,6 +696,8 @@ pub fn sync_bench(
                 p90_us: hist.value_at_quantile(0.9),
                 p99_us: hist.value_at_quantile(0.99),
                 max_us: hist.max(),
+                append,
+                io,
             })
         });
         for path in &paths {
@@ -623,7 +715,7 @@ mod tests {
     #[test]
     fn sync_bench_times_every_round_for_each_file_count_and_cleans_up() {
         let dir = tempfile::tempdir().unwrap();
-        let reports = sync_bench(dir.path(), 3, 25, 300).unwrap();
+        let reports = sync_bench(dir.path(), 3, 25, 300, false).unwrap();
         assert_eq!(
             reports.iter().map(|r| r.files).collect::<Vec<_>>(),
             vec![1, 2, 3]
@@ -642,7 +734,75 @@ mod tests {
     #[test]
     fn sync_bench_refuses_a_missing_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let err = sync_bench(&dir.path().join("nope"), 1, 1, 10).unwrap_err();
+        let err = sync_bench(&dir.path().join("nope"), 1, 1, 10, false).unwrap_err();
         assert!(err.contains("not a directory"), "{err}");
+    }
+
+    #[test]
+    fn sync_bench_appends_when_asked_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let reports = sync_bench(dir.path(), 1, 5, 100, true).unwrap();
+        assert!(reports[0].append);
+        assert!(
+            reports[0].to_string().contains("1 appended file(s)"),
+            "{}",
+            reports[0]
+        );
+    }
+
+    #[test]
+    fn dev_numbers_split_like_glibc() {
+        // glibc's makedev, written out.
+        let makedev = |major: u64, minor: u64| {
+            (minor & 0xff)
+                | ((major & 0xfff) << 8)
+                | ((minor & !0xff) << 12)
+                | ((major & !0xfff) << 32)
+        };
+        assert_eq!(dev_major_minor(0x0801), (8, 1), "/dev/sda1");
+        assert_eq!(dev_major_minor(0xfd00), (253, 0), "/dev/vda");
+        for (major, minor) in [(259, 3), (0x1002, 0x10005), (4095, 255)] {
+            assert_eq!(dev_major_minor(makedev(major, minor)), (major, minor));
+        }
+    }
+
+    #[test]
+    fn diskstats_counters_of_one_device() {
+        let text = "\
+ 253       0 vda 100 0 800 10 5000 20 40000 300 0 400 500 7 0 56 1 2500 60
+ 253       1 vda1 90 0 700 9 4900 20 39000 290 0 390 480 0 0 0 0
+   7       0 loop0 1 0 2 0 0 0 0 0 0 0 0
+";
+        assert_eq!(
+            parse_diskstats(text, 253, 0),
+            Some(DiskCounters {
+                writes: 5000,
+                flushes: Some(2500)
+            })
+        );
+        assert_eq!(
+            parse_diskstats(text, 253, 1),
+            Some(DiskCounters {
+                writes: 4900,
+                flushes: None
+            }),
+            "a line without the flush fields (kernel < 5.5, or a partition)"
+        );
+        assert_eq!(parse_diskstats(text, 8, 0), None);
+        let before = DiskCounters {
+            writes: 100,
+            flushes: Some(10),
+        };
+        let after = DiskCounters {
+            writes: 310,
+            flushes: Some(110),
+        };
+        assert_eq!(
+            before.per_sync(&after, 100),
+            IoPerSync {
+                writes: 2.1,
+                flushes: Some(1.0)
+            }
+        );
     }
 }

@@ -11,8 +11,9 @@
 //! - Segments are **preallocated**: the file is grown [`PREALLOCATE_BYTES`] at a time
 //!   with written zeros, and records overwrite those zeros. An `fdatasync` after
 //!   appending to a file must also write the inode and the block allocation (on this
-//!   ext4, ~2.9 block writes and a cache flush per call); one after overwriting written
-//!   blocks writes only the data. Decoding ends the log at the last non-zero byte
+//!   ext4, 3.07 block writes and a cache flush per call); one after overwriting written
+//!   blocks writes only the data (2.06: the kernel adds one write per call even then;
+//!   `storage wal sync-bench [--append]` measures both). Decoding ends the log at the last non-zero byte
 //!   (`super::codec`).
 
 use super::disk::{Disk, DiskFile, RealDisk};
