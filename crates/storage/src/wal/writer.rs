@@ -294,6 +294,16 @@ struct Accepted {
     reply: Reply<Vec<Outcome>>,
 }
 
+impl Accepted {
+    /// The epoch of the record this append adds at `seq`, if it adds one there.
+    fn epoch_at(&self, seq: Seq) -> Option<Epoch> {
+        let new = &self.records[self.first_new..];
+        let first = new.first()?.seq;
+        let i = seq.0.checked_sub(first.0)?;
+        new.get(i as usize).map(|r| r.epoch)
+    }
+}
+
 impl Writer {
     fn run(&mut self) {
         let mut stash: Option<Command> = None;
@@ -392,7 +402,7 @@ impl Writer {
                 let _ = reply.send(Err(e));
                 continue;
             }
-            match self.check_append(epoch, &records, next) {
+            match self.check_append(epoch, &records, next, &accepted) {
                 Ok(first_new) => {
                     next = Seq(next.0 + (records.len() - first_new) as u64);
                     accepted.push(Accepted {
@@ -450,12 +460,15 @@ impl Writer {
         self.maybe_snapshot();
     }
 
-    /// Returns the index of the first record not yet in the log.
+    /// Returns the index of the first record not yet in the log. `pending` holds the
+    /// appends accepted earlier in the same batch: their records come before `next` but are
+    /// not in the store yet.
     fn check_append(
         &mut self,
         epoch: Epoch,
         records: &[Record],
         next: Seq,
+        pending: &[Accepted],
     ) -> Result<usize, KvError> {
         if records.windows(2).any(|w| w[1].seq != w[0].seq.next()) {
             return Err(KvError::InvalidInput(
@@ -468,11 +481,17 @@ impl Writer {
             .position(|r| r.seq >= next)
             .unwrap_or(records.len());
         // Records already in the log are answered from it, but only if they are the same
-        // records: the same seq from another epoch is a diverged log, never a retry.
+        // records: the same seq from another epoch is a diverged log, never a retry. That
+        // includes records of an append queued just before this one (an old epoch's append
+        // still in the queue when a catch-up's arrived). Records older than the newest
+        // snapshot have no epoch left to compare; the exactly-once table answers them.
         {
             let store = self.state.store();
             for r in &records[..first_new] {
-                match store.epoch_at(r.seq) {
+                let here = store
+                    .epoch_at(r.seq)
+                    .or_else(|| pending.iter().find_map(|a| a.epoch_at(r.seq)));
+                match here {
                     Some(e) if e != r.epoch => {
                         return Err(KvError::Internal(format!(
                             "diverged log: seq {} is from epoch {e} here, the append has it from epoch {}",
@@ -748,6 +767,42 @@ mod tests {
         );
         let r = recover(dir.path(), true, false).unwrap();
         assert_eq!(r.store.pos().seq, Seq(640));
+    }
+
+    /// An old epoch's append still queued when a newer epoch's append for the same seq
+    /// arrives (a catch-up after the node was dropped with a slow fsync) lands in the same
+    /// group-commit batch: the newer one is a diverged log, not a re-send of a record that
+    /// is not in the store yet.
+    #[tokio::test]
+    async fn a_resend_is_checked_against_an_append_queued_just_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, w, t) = open(dir.path(), 1_000_000);
+        // More than `batch_max` records: a batch of its own, which keeps the writer busy
+        // writing and fsyncing while the two appends below queue behind it and so share
+        // the next batch.
+        let busy: Vec<Record> = (1..=2000).map(|i| put(i, &format!("k{i}"), "v")).collect();
+        let busy = w.submit(Epoch(1), Seq(0), busy).await.unwrap();
+        let old = w
+            .submit(Epoch(1), Seq(0), vec![put(2001, "x", "old")])
+            .await
+            .unwrap();
+        let mut newer = put(2001, "x", "new");
+        newer.epoch = Epoch(2);
+        let new = w.submit(Epoch(2), Seq(0), vec![newer]).await.unwrap();
+        assert_eq!(busy.await.unwrap().unwrap().len(), 2000);
+        assert!(matches!(
+            old.await.unwrap().unwrap()[..],
+            [Outcome::Written { .. }]
+        ));
+        let r = new.await.unwrap();
+        assert!(
+            matches!(&r, Err(KvError::Internal(m)) if m.contains("diverged log: seq 2001")),
+            "{r:?}"
+        );
+        let (stored, _) = state.store().get("x");
+        assert_eq!(stored.map(|v| v.value), Some("old".to_string()));
+        w.close().await;
+        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
     }
 
     #[tokio::test]
