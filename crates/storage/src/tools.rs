@@ -538,7 +538,7 @@ pub struct IoPerSync {
 pub struct DiskCounters {
     /// Writes completed (the 5th statistic).
     pub writes: u64,
-    /// Flush requests completed (the 15th statistic, kernel 5.5 and later).
+    /// Flush requests completed (the 16th statistic, kernel 5.5 and later).
     pub flushes: Option<u64>,
 }
 
@@ -786,7 +786,7 @@ mod tests {
                 writes: 4900,
                 flushes: None
             }),
-            "a line without the flush fields (kernel < 5.5, or a partition)"
+            "a line without the flush fields (kernel < 5.5)"
         );
         assert_eq!(parse_diskstats(text, 8, 0), None);
         let before = DiskCounters {

@@ -123,7 +123,8 @@ struct SimFile {
 
 impl DiskFile for SimFile {
     fn write_at(&mut self, bytes: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_at(bytes, offset)?;
+        // `write_all_at`: `FileExt::write_at` is one `pwrite` and may write less.
+        self.file.write_all_at(bytes, offset)?;
         let end = offset + bytes.len() as u64;
         self.written.data_end = self.written.data_end.max(end);
         self.written.len = self.written.len.max(end);

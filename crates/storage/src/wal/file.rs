@@ -6,8 +6,9 @@
 //!   name survives a crash along with the data.
 //! - [`WalFile`] goes through a [`Disk`] (`RealDisk` in the node; a simulated disk that
 //!   loses unsynced bytes in crash tests).
-//! - [`WalFile::append`] writes a whole group-commit batch with one `pwrite` and one
-//!   `sync_data`; a failure of either is returned and the caller stops the node.
+//! - [`WalFile::append`] writes a whole group-commit batch with one `pwrite` (plus the
+//!   zeros of the next preallocation when the batch does not fit) and one `sync_data`; a
+//!   failure of any is returned and the caller stops the node.
 //! - Segments are **preallocated**: the file is grown [`PREALLOCATE_BYTES`] at a time
 //!   with written zeros, and records overwrite those zeros. An `fdatasync` after
 //!   appending to a file must also write the inode and the block allocation (on this
