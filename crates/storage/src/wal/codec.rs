@@ -6,18 +6,37 @@
 //!
 //! - a last line without `\n`, or a last line that fails its checksum or does not parse,
 //!   is a **torn tail** (a write that a crash interrupted): [`DecodeError::TornTail`];
-//! - a bad line followed by more data, or a well-formed line whose seq is not exactly
-//!   one more than the previous one, is **corruption**: [`DecodeError::Corrupt`].
+//! - a bad line followed by more data is a torn tail too when what follows the last whole
+//!   record is what a crash leaves of one write over preallocated zeros (see below);
+//! - any other bad line followed by more data, or a well-formed line whose seq is not
+//!   exactly one more than the previous one, is **corruption**: [`DecodeError::Corrupt`].
 //!
 //! A segment may end in zero bytes: the writer preallocates the file ahead of its records
 //! (see `super::file::WalFile`). Trailing zeros are not data; the log ends at the last
 //! non-zero byte, and the rules above apply to what comes before. A record never contains
-//! a zero byte (JSON escapes control characters), so trimming cannot cut into one. A torn
-//! write into the preallocated part (half a record, then zeros) is therefore a torn tail,
-//! and anything non-zero after a run of zeros with more records behind it is corruption.
+//! a zero byte (JSON escapes control characters), so trimming cannot cut into one.
+//!
+//! A batch overwrites zeros that are already on disk, so nothing (no file size) orders
+//! its sectors: a crash before its `fdatasync` returns can leave any of them written and
+//! the others still zero, e.g. half a record, a sector of zeros, then whole records. Only
+//! the one batch being written can be torn, so that is recognised by its shape
+//! ([`torn_write_over_zeros`]): every run of zeros after the last whole record begins
+//! there or at a sector boundary and ends at a sector boundary, and the whole region is
+//! at most [`TORN_WRITE_MAX_BYTES`]. Zeros anywhere else (a zeroed record, bytes zeroed
+//! off the sector grid, a hole further back) are still corruption.
 
 use walkv_shared::record::{decode_line, encode_into};
 use walkv_shared::{Record, Seq};
+
+/// The unit a disk writes atomically: what a crash leaves of a write is whole sectors of
+/// it, each either written or as before.
+pub const SECTOR_BYTES: u64 = 512;
+
+/// Most bytes one group commit can have in flight when a crash tears it: a few `append`
+/// requests, each below the node's frame limit (8 MiB by default). A larger region of
+/// bad bytes is reported as corruption, the safe side (the node refuses to start and
+/// names the offset).
+pub const TORN_WRITE_MAX_BYTES: usize = 16 << 20;
 
 /// Why scanning stopped before the end of the bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,17 +124,57 @@ pub fn decode(bytes: &[u8], first: Seq) -> Decoded {
                 break;
             }
             Err(e) => {
-                out.error = Some(DecodeError::Corrupt {
-                    offset: pos as u64,
-                    expected_seq: expected,
-                    reason: e.to_string(),
-                });
+                let region = &bytes[pos..];
+                out.error = Some(
+                    match torn_write_over_zeros(region, pos as u64, TORN_WRITE_MAX_BYTES) {
+                        Some(reason) => DecodeError::TornTail {
+                            offset: pos as u64,
+                            reason,
+                        },
+                        None => DecodeError::Corrupt {
+                            offset: pos as u64,
+                            expected_seq: expected,
+                            reason: e.to_string(),
+                        },
+                    },
+                );
                 break;
             }
         }
     }
     out.valid_len = pos as u64;
     out
+}
+
+/// Whether `region` (from the first bad line, at `offset` in the segment, to the last
+/// non-zero byte) is what a crash leaves of one write over preallocated zeros: at most
+/// `max_bytes`, holding zeros, and every run of them begins at the region's start or at a
+/// sector boundary and ends at a sector boundary. Returns why it counts as torn. Pure.
+pub fn torn_write_over_zeros(region: &[u8], offset: u64, max_bytes: usize) -> Option<String> {
+    if region.len() > max_bytes {
+        return None;
+    }
+    let mut runs = 0;
+    let mut at = 0;
+    while let Some(start) = region[at..].iter().position(|&b| b == 0).map(|i| at + i) {
+        // The region ends in a non-zero byte, so every run ends inside it.
+        let end = region[start..]
+            .iter()
+            .position(|&b| b != 0)
+            .map_or(region.len(), |i| start + i);
+        let on_grid = |i: usize| (offset + i as u64).is_multiple_of(SECTOR_BYTES);
+        if !(start == 0 || on_grid(start)) || !on_grid(end) {
+            return None;
+        }
+        runs += 1;
+        at = end;
+    }
+    (runs > 0).then(|| {
+        format!(
+            "a write cut short by a crash: {} bytes after the last whole record, with {runs} run(s) of unwritten sectors",
+            region.len()
+        )
+    })
 }
 
 /// Encodes records into one buffer (one write for a whole group commit), asserting that
@@ -203,6 +262,93 @@ mod tests {
             torn.resize(bytes.len() + 512, 0);
             torn
         });
+    }
+
+    /// A synced log of 5 records, then one unsynced batch of 20 more written over
+    /// preallocated zeros: (all records, the bytes with their zero tail, where the batch
+    /// starts).
+    fn log_and_batch() -> (Vec<Record>, Vec<u8>, usize) {
+        let records: Vec<Record> = (1..=25)
+            .map(|i| put(i, &format!("key{i}"), &"v".repeat(40)))
+            .collect();
+        let mut bytes = Vec::new();
+        encode_batch(&records[..5], &mut bytes);
+        let batch_start = bytes.len();
+        encode_batch(&records[5..], &mut bytes);
+        bytes.resize(bytes.len().next_multiple_of(4096) + 4096, 0);
+        (records, bytes, batch_start)
+    }
+
+    #[test]
+    fn a_batch_torn_at_any_set_of_sectors_keeps_the_whole_records_before_the_first_hole() {
+        let (records, bytes, batch_start) = log_and_batch();
+        let ends = decode(&bytes, Seq(1)).ends;
+        let batch_end = *ends.last().unwrap() as usize;
+        let sector = SECTOR_BYTES as usize;
+        // The batch's bytes in each sector it touches: what a crash keeps or loses whole.
+        let sectors: Vec<(usize, usize)> = (batch_start / sector..batch_end.div_ceil(sector))
+            .map(|k| {
+                (
+                    (k * sector).max(batch_start),
+                    ((k + 1) * sector).min(batch_end),
+                )
+            })
+            .collect();
+        assert!(
+            sectors.len() >= 5,
+            "the batch spans {} sectors",
+            sectors.len()
+        );
+        for lost in 1u32..(1 << sectors.len()) {
+            let mut torn = bytes.clone();
+            for (k, &(from, to)) in sectors.iter().enumerate() {
+                if lost & (1 << k) != 0 {
+                    torn[from..to].fill(0);
+                }
+            }
+            let hole = batch_start + torn[batch_start..].iter().position(|&b| b == 0).unwrap();
+            let complete = ends.iter().filter(|&&e| e as usize <= hole).count();
+            let d = decode(&torn, Seq(1));
+            assert_eq!(d.records, records[..complete], "sectors lost: {lost:b}");
+            assert_eq!(d.valid_len, ends[complete - 1], "sectors lost: {lost:b}");
+            match d.error {
+                None => assert!(torn[hole..].iter().all(|&b| b == 0)),
+                Some(DecodeError::TornTail { offset, .. }) => assert_eq!(offset, d.valid_len),
+                Some(e) => panic!("sectors lost {lost:b}: a torn batch is not corruption: {e:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn zeros_off_the_sector_grid_or_too_far_back_are_corruption() {
+        let (_, bytes, batch_start) = log_and_batch();
+        let sector = SECTOR_BYTES as usize;
+        // 100 zero bytes inside the batch, not on sector boundaries: no crash does that.
+        let mut bad = bytes.clone();
+        let from = batch_start.next_multiple_of(sector) + 10;
+        bad[from..from + 100].fill(0);
+        let d = decode(&bad, Seq(1));
+        assert!(
+            matches!(d.error, Some(DecodeError::Corrupt { .. })),
+            "{:?}",
+            d.error
+        );
+        // Whole sectors of zeros, but more bad bytes behind them than one write can tear.
+        // At offset 412: half a record up to the sector boundary at 512, the next sector
+        // lost, then written bytes.
+        let region = [vec![b'x'; 100], vec![0; 512], vec![b'x'; 600]].concat();
+        assert!(torn_write_over_zeros(&region, 412, 4096).is_some());
+        assert_eq!(torn_write_over_zeros(&region, 412, 1000), None);
+        assert_eq!(
+            torn_write_over_zeros(&region, 413, 4096),
+            None,
+            "the same bytes one off the grid"
+        );
+        assert_eq!(
+            torn_write_over_zeros(&vec![b'x'; 600], 0, 4096),
+            None,
+            "a bad line without zeros (a bit flip) is corruption"
+        );
     }
 
     #[test]

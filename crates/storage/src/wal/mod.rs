@@ -22,8 +22,9 @@
 //!    and apply the rest with `Store::apply`, the same function live appends use.
 //! 3. A record after the snapshot must be exactly the next seq; a segment that starts
 //!    beyond the next expected seq is a **gap** and is refused.
-//! 4. A torn last line of the last segment is a crash mid-write: the file is truncated to
-//!    the valid prefix (`set_len` + fsync) and a warning names file, offset and seq.
+//! 4. A torn tail of the last segment (a cut-off last line, or the last batch with some
+//!    sectors never written, see [`codec`]) is a crash mid-write: the file is truncated
+//!    to the valid prefix (`set_len` + fsync) and a warning names file, offset and seq.
 //! 5. Anything else (a bad line followed by data, a seq break, a torn line in an older
 //!    segment) is **corruption**: the node refuses to start, naming file, offset and the
 //!    seq expected there. With `discard_corrupt_tail` it instead keeps a
@@ -441,6 +442,33 @@ mod tests {
         let mut r = recover(dir.path(), true, false).unwrap();
         assert_eq!(r.store.pos().seq, Seq(5));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len as u64);
+        r.wal.append(&extra).unwrap();
+        assert_eq!(
+            recover(dir.path(), true, false).unwrap().store.pos().seq,
+            Seq(6)
+        );
+    }
+
+    /// A crash tore the last batch out of order: its first sector is still the
+    /// preallocated zeros, later sectors were written. The node starts (nothing of that
+    /// batch was acknowledged), truncates it away and appends after it.
+    #[test]
+    fn batch_torn_across_sectors_is_truncated_and_appendable() {
+        let dir = tempfile::tempdir().unwrap();
+        let synced = records(1, 5);
+        let path = write_segment(dir.path(), &synced);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let good_len = bytes.len();
+        codec::encode_batch(&records(6, 40), &mut bytes);
+        bytes.resize(bytes.len().next_multiple_of(4096) + 4096, 0);
+        let sector = codec::SECTOR_BYTES as usize;
+        bytes[good_len..good_len.next_multiple_of(sector)].fill(0);
+        std::fs::write(&path, &bytes).unwrap();
+        let mut r = recover(dir.path(), true, false).unwrap();
+        assert_eq!(r.store.pos().seq, Seq(5));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len as u64);
+        let mut extra = Vec::new();
+        encode_into(&put(6, "x", "y"), &mut extra);
         r.wal.append(&extra).unwrap();
         assert_eq!(
             recover(dir.path(), true, false).unwrap().store.pos().seq,
