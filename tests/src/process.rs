@@ -10,7 +10,12 @@
 //!   across restarts). `kill` is SIGKILL (the crash under test), `terminate` SIGTERM,
 //!   `pause`/`resume` SIGSTOP/SIGCONT, each sent to the child's own process group (so a
 //!   node under `strace -f` goes with its tracer). `Drop` kills and reaps, also when a
-//!   test panics.
+//!   test panics. A test binary killed outright (Ctrl-C on `cargo test`, SIGKILL) runs no
+//!   destructors, and since its children are not in its process group the terminal's
+//!   SIGINT does not reach them either: they keep running until killed by hand
+//!   (`pkill -f 'target/debug/(frontend|storage) --config /tmp/'`). Tying them to the test
+//!   process (`PR_SET_PDEATHSIG`) would take `unsafe` `pre_exec`, which the workspace
+//!   denies, and fires when the spawning *thread* exits, not the process.
 //! - [`TestDir`] is a `TempDir` that is kept (and its path printed) with `WALKV_KEEP_TMP=1`.
 
 use std::fs::{File, OpenOptions};
