@@ -5,8 +5,10 @@
 //! was durable at the last `sync_data` (how far the records went, and how long the
 //! zero-filled file was), and [`SimDisk::crash`] puts every segment back to that state,
 //! optionally keeping a torn part of the unsynced records (as a power cut in the middle
-//! of writing a page does). Recovery then runs on the real files, with the normal code
-//! path.
+//! of writing a page does); [`SimDisk::crash_losing_sectors`] loses chosen sectors of
+//! them in any order (nothing orders a write over preallocated zeros), and
+//! [`SimDisk::fail_next_sync`] leaves a batch written but not durable. Recovery then runs
+//! on the real files, with the normal code path.
 //!
 //! - [`RealDisk`] is what the node uses: `OpenOptions` + `pwrite` + `fdatasync`.
 //! - The trait covers what `WalFile` does: create a segment (durably), open one for
@@ -103,7 +105,16 @@ struct Extent {
     len: u64,
 }
 
-type Durable = Arc<Mutex<BTreeMap<PathBuf, Extent>>>;
+/// The simulated disk's shared state.
+#[derive(Debug, Default)]
+struct SimState {
+    /// What is durable of every segment opened through this disk.
+    extents: BTreeMap<PathBuf, Extent>,
+    /// The next `sync_data` fails (and makes nothing durable).
+    fail_next_sync: bool,
+}
+
+type Durable = Arc<Mutex<SimState>>;
 
 /// A disk that forgets unsynced writes on [`SimDisk::crash`]. Cheap to clone (shared).
 #[derive(Debug, Default, Clone)]
@@ -138,10 +149,14 @@ impl DiskFile for SimFile {
     fn sync_data(&mut self) -> io::Result<()> {
         // The bytes are in the real file already; syncing makes them survive the next
         // simulated crash.
-        self.durable
+        let mut state = self
+            .durable
             .lock()
-            .expect("sim disk lock is never poisoned")
-            .insert(self.path.clone(), self.written);
+            .expect("sim disk lock is never poisoned");
+        if std::mem::take(&mut state.fail_next_sync) {
+            return Err(io::Error::other("simulated fdatasync failure"));
+        }
+        state.extents.insert(self.path.clone(), self.written);
         Ok(())
     }
 }
@@ -156,6 +171,7 @@ impl SimDisk {
         self.durable
             .lock()
             .expect("sim disk lock is never poisoned")
+            .extents
             .insert(path.to_path_buf(), durable);
         Box::new(SimFile {
             file,
@@ -165,24 +181,70 @@ impl SimDisk {
         })
     }
 
+    /// Makes the next `sync_data` of any file on this disk fail, durably storing nothing:
+    /// the writer then fails with a batch written but not synced, which a crash can tear.
+    pub fn fail_next_sync(&self) {
+        self.durable
+            .lock()
+            .expect("sim disk lock is never poisoned")
+            .fail_next_sync = true;
+    }
+
     /// A power cut: every segment goes back to what was durable, plus the first
     /// `torn_bytes` of the unsynced records (a partly written page). Unsynced records
     /// that fell on preallocated space become zeros again; an unsynced extension of the
     /// file is lost. Open handles must be dropped first (the process is gone).
     pub fn crash(&self, torn_bytes: u64) -> io::Result<()> {
-        let durable = self
+        self.crash_keeping(|d, end| vec![((d.data_end + torn_bytes).min(end), end)])
+    }
+
+    /// A power cut that tears the unsynced bytes at sector granularity, in no order: each
+    /// [`super::codec::SECTOR_BYTES`] sector after what was durable survives unless
+    /// `lost(sector index)`, and a lost one reads as the zeros that were there before.
+    pub fn crash_losing_sectors(&self, lost: impl Fn(u64) -> bool) -> io::Result<()> {
+        let sector = super::codec::SECTOR_BYTES;
+        self.crash_keeping(|d, end| {
+            (d.data_end / sector..end.div_ceil(sector))
+                .filter(|&k| lost(k))
+                .map(|k| ((k * sector).max(d.data_end), ((k + 1) * sector).min(end)))
+                .collect()
+        })
+    }
+
+    /// Puts every segment back to what was durable. `lost(durable, file length)` names
+    /// the ranges (ascending, after `durable.data_end`) of unsynced bytes that read as
+    /// zeros again; the other unsynced bytes survive. The file keeps its durable length,
+    /// or reaches the last surviving byte: an unsynced extension past it is lost. Open
+    /// handles must be dropped first (the process is gone).
+    fn crash_keeping(&self, lost: impl Fn(&Extent, u64) -> Vec<(u64, u64)>) -> io::Result<()> {
+        let state = self
             .durable
             .lock()
             .expect("sim disk lock is never poisoned");
-        for (path, d) in durable.iter() {
+        for (path, d) in state.extents.iter() {
             let Ok(meta) = std::fs::metadata(path) else {
                 continue; // removed (compacted) since
             };
-            let keep = (d.data_end + torn_bytes).min(meta.len());
-            let len = d.len.max(keep);
+            let end = meta.len();
+            let ranges = lost(d, end);
+            // The end of the last unsynced byte that survives (none: the durable end).
+            let mut survivor_end = d.data_end;
+            let mut at = d.data_end;
+            for &(from, to) in &ranges {
+                if from > at {
+                    survivor_end = from;
+                }
+                at = at.max(to);
+            }
+            if end > at {
+                survivor_end = end;
+            }
+            let len = d.len.max(survivor_end);
             let f = open_for_writes(path)?;
             f.set_len(len)?;
-            write_zeros(&f, keep, len)?;
+            for (from, to) in ranges {
+                write_zeros(&f, from.min(len), to.min(len))?;
+            }
         }
         Ok(())
     }
@@ -253,6 +315,31 @@ mod tests {
         disk.crash(0).unwrap();
         let mut want = b"a\n".to_vec();
         want.resize(16, 0);
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+    }
+
+    #[test]
+    fn a_failed_sync_makes_nothing_durable_and_sectors_are_lost_in_any_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg");
+        let disk = SimDisk::new();
+        let mut f = disk.create_new(dir.path(), &path).unwrap();
+        f.write_at(b"d\n", 0).unwrap();
+        f.extend_zeroed(2, 2048).unwrap();
+        f.sync_data().unwrap();
+        // Four sectors of unsynced data after the durable 2 bytes.
+        let data = vec![b'x'; 4 * 512 - 2];
+        f.write_at(&data, 2).unwrap();
+        disk.fail_next_sync();
+        assert!(f.sync_data().is_err(), "the failure is reported");
+        drop(f);
+        // Sectors 0 and 2 lost: the durable prefix, then the unsynced sectors 1 and 3.
+        disk.crash_losing_sectors(|k| k == 0 || k == 2).unwrap();
+        let mut want = b"d\n".to_vec();
+        want.resize(512, 0);
+        want.resize(1024, b'x');
+        want.resize(1536, 0);
+        want.resize(2048, b'x');
         assert_eq!(std::fs::read(&path).unwrap(), want);
     }
 }

@@ -916,6 +916,19 @@ mod tests {
         n: u64,
         torn: u64,
     ) -> Seq {
+        append_fail_then_power_cut(dir, disk, fsync, n, 0, |d| d.crash(torn).unwrap()).await
+    }
+
+    /// [`append_then_power_cut`] with one more batch of `unsynced` records (if not 0)
+    /// whose `sync_data` fails, so it is written but not durable when `cut` tears it.
+    async fn append_fail_then_power_cut(
+        dir: &Path,
+        disk: &SimDisk,
+        fsync: bool,
+        n: u64,
+        unsynced: u64,
+        cut: impl Fn(&SimDisk),
+    ) -> Seq {
         let r = recover_on(Arc::new(disk.clone()), dir, fsync, false).unwrap();
         let first = r.store.pos().seq.0 + 1;
         let state = NodeState::new(dir.to_path_buf(), r.store, read_epoch(dir).unwrap());
@@ -932,10 +945,58 @@ mod tests {
                 .unwrap();
             acked = Seq(s);
         }
+        if unsynced > 0 {
+            disk.fail_next_sync();
+            let batch = (1..=unsynced)
+                .map(|i| put(acked.0 + i, &format!("u{i}"), "unsynced"))
+                .collect();
+            let r = w.append(Epoch(1), Seq(0), batch).await;
+            assert!(matches!(r, Err(KvError::Io(_))), "{r:?}");
+        }
         w.close().await;
         tokio::task::spawn_blocking(move || t.join()).await.unwrap();
-        disk.crash(torn).unwrap();
+        cut(disk);
         acked
+    }
+
+    /// The last batch is written but its `fdatasync` fails (the node stops; nothing of it
+    /// was acknowledged), then the power goes and tears it, as a prefix or sector by
+    /// sector in any order. Recovery starts (a torn tail, never corruption), keeps every
+    /// acknowledged record, and of the failed batch at most whole records.
+    #[tokio::test]
+    async fn a_batch_torn_by_a_power_cut_after_its_sync_failed_is_a_torn_tail() {
+        /// A name and a power cut.
+        type Tear<'a> = (&'a str, &'a dyn Fn(&SimDisk));
+        let tears: [Tear; 6] = [
+            ("nothing kept", &|d| d.crash(0).unwrap()),
+            ("a prefix kept", &|d| d.crash(700).unwrap()),
+            ("even sectors lost", &|d| {
+                d.crash_losing_sectors(|k| k % 2 == 0).unwrap()
+            }),
+            ("odd sectors lost", &|d| {
+                d.crash_losing_sectors(|k| k % 2 == 1).unwrap()
+            }),
+            ("every third lost", &|d| {
+                d.crash_losing_sectors(|k| k % 3 == 1).unwrap()
+            }),
+            ("all kept", &|d| d.crash_losing_sectors(|_| false).unwrap()),
+        ];
+        for (name, tear) in tears {
+            let dir = tempfile::tempdir().unwrap();
+            let disk = SimDisk::new();
+            let acked = append_fail_then_power_cut(dir.path(), &disk, true, 40, 30, tear).await;
+            let r = recover(dir.path(), true, false)
+                .unwrap_or_else(|e| panic!("{name}: a torn unsynced batch stopped recovery: {e}"));
+            let pos = r.store.pos().seq;
+            assert!(
+                pos >= acked && pos.0 <= acked.0 + 30,
+                "{name}: recovered up to {pos}, acknowledged {acked}"
+            );
+            for i in 1..=pos.0 - acked.0 {
+                let (v, _) = r.store.get(&format!("u{i}"));
+                assert_eq!(v.map(|v| v.value).as_deref(), Some("unsynced"), "{name}");
+            }
+        }
     }
 
     #[tokio::test]
