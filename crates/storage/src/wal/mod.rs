@@ -128,10 +128,7 @@ pub fn inspect(dir: &Path) -> Result<Inspection, RecoveryError> {
             first,
             decoded,
             file_len: bytes.len() as u64,
-            data_len: bytes
-                .iter()
-                .rposition(|&b| b != 0)
-                .map_or(0, |i| i as u64 + 1),
+            data_len: codec::data_end(&bytes) as u64,
         });
     }
     Ok(out)
