@@ -21,9 +21,13 @@
 //! the others still zero, e.g. half a record, a sector of zeros, then whole records. Only
 //! the one batch being written can be torn, so that is recognised by its shape
 //! ([`torn_write_over_zeros`]): every run of zeros after the last whole record begins
-//! there or at a sector boundary and ends at a sector boundary, and the whole region is
-//! at most [`TORN_WRITE_MAX_BYTES`]. Zeros anywhere else (a zeroed record, bytes zeroed
-//! off the sector grid, a hole further back) are still corruption.
+//! there or at a sector boundary and ends at a sector boundary, the first bad line holds
+//! the first zero, every later line holds zeros or is an intact later record, and the
+//! whole region is at most [`TORN_WRITE_MAX_BYTES`]. Anything else (a zeroed record,
+//! bytes zeroed off the sector grid, a damaged line without zeros, a bit flip anywhere in
+//! the region) is still corruption. One case looks the same as a crash and cannot be told
+//! apart here: a disk returning whole zero sectors inside the last 16 MiB of synced
+//! records; recovery therefore keeps a copy of every torn tail of more than one line.
 
 use walkv_shared::record::{decode_line, encode_into};
 use walkv_shared::{Record, Seq};
@@ -132,7 +136,8 @@ pub fn decode(bytes: &[u8], first: Seq) -> Decoded {
             Err(e) => {
                 let region = &bytes[pos..];
                 out.error = Some(
-                    match torn_write_over_zeros(region, pos as u64, TORN_WRITE_MAX_BYTES) {
+                    match torn_write_over_zeros(region, pos as u64, expected, TORN_WRITE_MAX_BYTES)
+                    {
                         Some(reason) => DecodeError::TornTail {
                             offset: pos as u64,
                             reason,
@@ -152,13 +157,49 @@ pub fn decode(bytes: &[u8], first: Seq) -> Decoded {
     out
 }
 
-/// Whether `region` (from the first bad line, at `offset` in the segment, to the last
-/// non-zero byte) is what a crash leaves of one write over preallocated zeros: at most
-/// `max_bytes`, holding zeros, and every run of them begins at the region's start or at a
-/// sector boundary and ends at a sector boundary. Returns why it counts as torn. Pure.
-pub fn torn_write_over_zeros(region: &[u8], offset: u64, max_bytes: usize) -> Option<String> {
+/// Whether `region` (from the first bad line, at `offset` in the segment, where record
+/// `expected` should be, to the last non-zero byte) is what a crash leaves of one write
+/// over preallocated zeros. Everything of that write before its first lost sector is
+/// intact, and so is every sector it kept; so all of these must hold:
+///
+/// - the region is at most `max_bytes` (one write);
+/// - it holds zeros, and every run of them begins at the region's start or on a sector
+///   boundary and ends on one (whole sectors lost);
+/// - the first bad line holds the first zero (else that line was damaged, not lost);
+/// - every later line holds zeros or is an intact record with a seq above `expected` and
+///   above the one before (only its last, unterminated piece may be cut short).
+///
+/// Returns why it counts as torn. Pure.
+pub fn torn_write_over_zeros(
+    region: &[u8],
+    offset: u64,
+    expected: Seq,
+    max_bytes: usize,
+) -> Option<String> {
     if region.len() > max_bytes {
         return None;
+    }
+    let first_line_end = region
+        .iter()
+        .position(|&b| b == b'\n')
+        .unwrap_or(region.len());
+    if !region[..first_line_end].contains(&0) {
+        return None;
+    }
+    let mut last_seq = expected;
+    let mut rest = region.get(first_line_end + 1..).unwrap_or_default();
+    while !rest.is_empty() {
+        let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+            break; // the last piece, cut short by a lost sector after it
+        };
+        let line = &rest[..nl];
+        if !line.contains(&0) {
+            match decode_line(line) {
+                Ok(r) if r.seq > last_seq => last_seq = r.seq,
+                _ => return None,
+            }
+        }
+        rest = &rest[nl + 1..];
     }
     let mut runs = 0;
     let mut at = 0;
@@ -350,19 +391,44 @@ mod tests {
             "{:?}",
             d.error
         );
+        // A bit flip in a synced record, and the last batch torn too: the flipped line is
+        // damage (it holds no zeros), so the whole is corruption at that record.
+        let ends = decode(&bytes, Seq(1)).ends;
+        let mut bad = bytes.clone();
+        bad[ends[1] as usize + 20] ^= 0x04;
+        let lost = batch_start.next_multiple_of(sector);
+        bad[lost..lost + sector].fill(0);
+        assert!(
+            matches!(decode(&bad, Seq(1)).error, Some(DecodeError::Corrupt { offset, expected_seq: Seq(3), .. }) if offset == ends[1]),
+            "{:?}",
+            decode(&bad, Seq(1)).error
+        );
+        // The same flip in a record after the lost sector: also corruption.
+        let mut bad = bytes.clone();
+        bad[batch_start..batch_start.next_multiple_of(sector)].fill(0);
+        let later = ends[ends.len() - 2] as usize;
+        bad[later + 20] ^= 0x04;
+        assert!(
+            matches!(
+                decode(&bad, Seq(1)).error,
+                Some(DecodeError::Corrupt { .. })
+            ),
+            "{:?}",
+            decode(&bad, Seq(1)).error
+        );
         // Whole sectors of zeros, but more bad bytes behind them than one write can tear.
         // At offset 412: half a record up to the sector boundary at 512, the next sector
         // lost, then written bytes.
         let region = [vec![b'x'; 100], vec![0; 512], vec![b'x'; 600]].concat();
-        assert!(torn_write_over_zeros(&region, 412, 4096).is_some());
-        assert_eq!(torn_write_over_zeros(&region, 412, 1000), None);
+        assert!(torn_write_over_zeros(&region, 412, Seq(1), 4096).is_some());
+        assert_eq!(torn_write_over_zeros(&region, 412, Seq(1), 1000), None);
         assert_eq!(
-            torn_write_over_zeros(&region, 413, 4096),
+            torn_write_over_zeros(&region, 413, Seq(1), 4096),
             None,
             "the same bytes one off the grid"
         );
         assert_eq!(
-            torn_write_over_zeros(&vec![b'x'; 600], 0, 4096),
+            torn_write_over_zeros(&vec![b'x'; 600], 0, Seq(1), 4096),
             None,
             "a bad line without zeros (a bit flip) is corruption"
         );

@@ -25,6 +25,7 @@
 //! 4. A torn tail of the last segment (a cut-off last line, or the last batch with some
 //!    sectors never written, see [`codec`]) is a crash mid-write: the file is truncated
 //!    to the valid prefix (`set_len` + fsync) and a warning names file, offset and seq.
+//!    A tail of more than one line is first copied to `<segment>.torn-<unix time>`.
 //! 5. Anything else (a bad line followed by data, a seq break, a torn line in an older
 //!    segment) is **corruption**: the node refuses to start, naming file, offset and the
 //!    seq expected there. With `discard_corrupt_tail` it instead keeps a
@@ -279,7 +280,17 @@ pub fn recover_on(
         };
         if p.torn {
             let seg = &ins.segments[p.segment];
-            warn!(file = %p.path.display(), offset = p.offset, seq = %p.expected_seq, bytes = seg.data_len.saturating_sub(p.offset), reason = %p.reason, "torn WAL tail truncated (crash mid-write)");
+            // A tail of several lines (a batch torn across sectors) has the shape of a
+            // crash, but could also be a disk that lost a sector of older records: keep a
+            // copy of what is cut, as `--discard-corrupt-tail` does.
+            let copy = if cut_spans_lines(&p.path, p.offset, seg.data_len)? {
+                let copy = stamped(&p.path, "torn", unix_now());
+                std::fs::copy(&p.path, &copy).map_err(io_err("cannot copy", &p.path))?;
+                Some(copy.display().to_string())
+            } else {
+                None
+            };
+            warn!(file = %p.path.display(), offset = p.offset, seq = %p.expected_seq, bytes = seg.data_len.saturating_sub(p.offset), reason = %p.reason, copy = copy.as_deref().unwrap_or("none"), "torn WAL tail truncated (crash mid-write)");
             file::truncate_file(&p.path, p.offset).map_err(io_err("cannot truncate", &p.path))?;
             continue;
         }
@@ -333,12 +344,31 @@ fn finish(
     })
 }
 
-fn discard_from(dir: &Path, ins: &Inspection, p: &Problem) -> Result<(), RecoveryError> {
-    let stamp = std::time::SystemTime::now()
+/// Whether the bytes of `path` from `offset` to `data_end` hold more than one line.
+fn cut_spans_lines(path: &Path, offset: u64, data_end: u64) -> Result<bool, RecoveryError> {
+    let bytes = std::fs::read(path).map_err(io_err("cannot read", path))?;
+    let cut = bytes
+        .get(offset as usize..(data_end as usize).saturating_sub(1))
+        .unwrap_or_default();
+    Ok(cut.contains(&b'\n'))
+}
+
+/// Seconds since the Unix epoch: the stamp of kept copies.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let keep = |path: &Path| PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+        .unwrap_or(0)
+}
+
+/// `<path>.<kind>-<stamp>`: where a copy of a cut segment is kept.
+fn stamped(path: &Path, kind: &str, stamp: u64) -> PathBuf {
+    PathBuf::from(format!("{}.{kind}-{stamp}", path.display()))
+}
+
+fn discard_from(dir: &Path, ins: &Inspection, p: &Problem) -> Result<(), RecoveryError> {
+    let stamp = unix_now();
+    let keep = |path: &Path| stamped(path, "corrupt", stamp);
     std::fs::copy(&p.path, keep(&p.path)).map_err(io_err("cannot copy", &p.path))?;
     for seg in &ins.segments[p.segment + 1..] {
         std::fs::rename(&seg.path, keep(&seg.path)).map_err(io_err("cannot rename", &seg.path))?;
@@ -370,6 +400,16 @@ mod tests {
     fn records(from: u64, to: u64) -> Vec<Record> {
         (from..=to)
             .map(|i| put(i, &format!("k{}", i % 7), &format!("v{i}")))
+            .collect()
+    }
+
+    /// The contents of the files in `dir` whose name contains `marker`.
+    fn kept_copies(dir: &Path, marker: &str) -> Vec<Vec<u8>> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains(marker))
+            .map(|p| std::fs::read(p).unwrap())
             .collect()
     }
 
@@ -439,6 +479,10 @@ mod tests {
         let mut r = recover(dir.path(), true, false).unwrap();
         assert_eq!(r.store.pos().seq, Seq(5));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len as u64);
+        assert!(
+            kept_copies(dir.path(), ".torn-").is_empty(),
+            "half a last line needs no copy"
+        );
         r.wal.append(&extra).unwrap();
         assert_eq!(
             recover(dir.path(), true, false).unwrap().store.pos().seq,
@@ -464,6 +508,9 @@ mod tests {
         let mut r = recover(dir.path(), true, false).unwrap();
         assert_eq!(r.store.pos().seq, Seq(5));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len as u64);
+        // Whole records followed the hole: what was cut is kept, in case it was not a
+        // crash but a disk that lost a sector.
+        assert_eq!(kept_copies(dir.path(), ".torn-"), vec![bytes]);
         let mut extra = Vec::new();
         encode_into(&put(6, "x", "y"), &mut extra);
         r.wal.append(&extra).unwrap();
