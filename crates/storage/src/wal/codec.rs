@@ -36,10 +36,12 @@ use walkv_shared::{Record, Seq};
 /// it, each either written or as before.
 pub const SECTOR_BYTES: u64 = 512;
 
-/// Most bytes one group commit can have in flight when a crash tears it: a few `append`
-/// requests, each below the node's frame limit (8 MiB by default). A larger region of
+/// Most bytes one write can have unsynced when a crash tears it: the writer writes a
+/// group commit in parts of at most `writer::WRITE_MAX_BYTES` (4 MiB) plus one append,
+/// and an append is below the node's frame limit (8 MiB by default). A larger region of
 /// bad bytes is reported as corruption, the safe side (the node refuses to start and
-/// names the offset).
+/// names the offset); so is a torn append larger than 12 MiB, possible only with
+/// `max_frame_bytes` raised above that.
 pub const TORN_WRITE_MAX_BYTES: usize = 16 << 20;
 
 /// Why scanning stopped before the end of the bytes.
