@@ -14,8 +14,8 @@
 //!   appending to a file must also write the inode and the block allocation (on this
 //!   ext4, 3.07 block writes and a cache flush per call); one after overwriting written
 //!   blocks writes only the data (2.06: the kernel adds one write per call even then;
-//!   `storage wal sync-bench [--append]` measures both). Decoding ends the log at the last non-zero byte
-//!   (`super::codec`).
+//!   `storage wal sync-bench [--append]` measures both). Decoding ends the log at the
+//!   last non-zero byte (`super::codec`).
 
 use super::disk::{Disk, DiskFile, RealDisk};
 use std::fs::{File, OpenOptions};

@@ -286,13 +286,13 @@ struct Writer {
     snapshot: Option<JoinHandle<()>>,
 }
 
-/// An append that passed its checks: index of the first new record.
 /// Bytes after which a group commit is written and fsynced before the rest of it: one
 /// write is then at most this plus one append (below `max_frame_bytes`, 8 MiB by
 /// default), which keeps what a crash can tear of it within
 /// [`codec::TORN_WRITE_MAX_BYTES`], the largest torn tail recovery accepts.
 pub const WRITE_MAX_BYTES: usize = 4 << 20;
 
+/// An append that passed its checks: index of the first new record.
 struct Accepted {
     records: Vec<Record>,
     first_new: usize,
