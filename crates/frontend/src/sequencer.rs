@@ -14,7 +14,8 @@
 //!    bumps the epoch and re-establishes the truth;
 //! 6. otherwise publishes the batch's changes to the watch ring ([`crate::watch`], never
 //!    blocks), advances the commit index and answers each write from the deterministic
-//!    [`Outcome`] its record produced ([`outcome_result`]).
+//!    [`Outcome`] its record produced ([`outcome_result`]); when more writes are queued,
+//!    the answers go out just after the next batch's appends are started (`Answers`).
 //!
 //! Invariants: one batch in flight at a time; seqs are assigned without gaps and never
 //! reused within an epoch (recovery resets `next_seq` to `L + 1` and bumps the epoch);
@@ -95,10 +96,22 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let batch_max = cluster.config.batch_max as usize;
+    // The answers of the last committed batch, held while the next batch is started.
+    let mut held = Answers::default();
     loop {
-        let first = tokio::select! {
-            job = rx.recv() => match job { Some(j) => j, None => break },
-            _ = shutdown.wait_for(|s| *s) => break,
+        if *shutdown.borrow() {
+            break;
+        }
+        let first = match rx.try_recv() {
+            Ok(job) => job,
+            Err(_) => {
+                // Nothing to start: answer now, then wait.
+                held.send();
+                tokio::select! {
+                    job = rx.recv() => match job { Some(j) => j, None => break },
+                    _ = shutdown.wait_for(|s| *s) => break,
+                }
+            }
         };
         let mut bytes = job_bytes(&first);
         let mut batch = vec![first];
@@ -114,10 +127,13 @@ pub async fn run(
         // A client that already gave up gets nothing written: skipping is safe because
         // nothing of it reached a node yet, and it keeps a backlog from growing.
         batch.retain(|j| !j.reply.is_closed());
-        if !batch.is_empty() {
-            replicate(&cluster, batch).await;
+        if batch.is_empty() {
+            held.send();
+        } else {
+            held = replicate(&cluster, batch, held).await;
         }
     }
+    held.send();
     rx.close();
     while let Ok(job) = rx.try_recv() {
         let _ = job.reply.send(Err(KvError::Unavailable(
@@ -126,20 +142,52 @@ pub async fn run(
     }
 }
 
-fn answer_all(batch: Vec<WriteJob>, err: KvError) {
-    for job in batch {
-        let _ = job.reply.send(Err(err.clone()));
+/// The answers of a committed batch, not sent yet.
+///
+/// A write's answer wakes the task that serves its client, and the frontend runs its tasks
+/// in the order they were woken; answering a batch of 30 clients before the next batch's
+/// appends were sent would put 30 responses to encode and write ahead of those appends,
+/// on the path that every queued write waits on. So the sequencer sends the answers just
+/// after it has started the next batch's appends (or at once, when nothing is queued).
+/// Answers are never held across an await that waits on a node.
+#[derive(Default)]
+struct Answers(Vec<(oneshot::Sender<Answer>, Answer)>);
+
+/// What a write's client is told.
+type Answer = Result<WriteResult, KvError>;
+
+impl Answers {
+    fn send(&mut self) {
+        for (reply, result) in self.0.drain(..) {
+            let _ = reply.send(result);
+        }
     }
 }
 
-/// Replicates one batch under the write gate and answers it.
-async fn replicate(cluster: &Cluster, batch: Vec<WriteJob>) {
+fn answer_all(batch: Vec<WriteJob>, err: KvError) -> Answers {
+    for job in batch {
+        let _ = job.reply.send(Err(err.clone()));
+    }
+    Answers::default()
+}
+
+/// Replicates one batch under the write gate. Sends `held` once this batch's appends are
+/// started, and returns this batch's answers (errors are answered at once).
+async fn replicate(cluster: &Cluster, batch: Vec<WriteJob>, mut held: Answers) -> Answers {
     let min_insync = cluster.config.min_insync as usize;
-    let _gate = cluster.gate.lock().await;
+    // Recovery holds the gate for as long as it takes: the held answers do not wait on it.
+    let _gate = match cluster.gate.try_lock() {
+        Ok(gate) => gate,
+        Err(_) => {
+            held.send();
+            cluster.gate.lock().await
+        }
+    };
     let (epoch, targets, first) = {
         let m = cluster.m();
         if let Err(e) = m.check_available(cluster.config.min_insync) {
             drop(m);
+            held.send();
             return answer_all(batch, e);
         }
         (
@@ -160,7 +208,15 @@ async fn replicate(cluster: &Cluster, batch: Vec<WriteJob>) {
         let req = req.clone();
         async move { (id.clone(), cluster.pool.append(id, req).await) }
     });
-    let results = futures::future::join_all(calls).await;
+    let mut results = std::pin::pin!(futures::future::join_all(calls));
+    // One poll hands every append to its connection's dispatch task; only then are the
+    // previous batch's clients woken.
+    let first_poll = futures::poll!(results.as_mut());
+    held.send();
+    let results = match first_poll {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => results.await,
+    };
     let mut acked: Vec<(NodeId, Vec<Outcome>)> = Vec::new();
     let mut failed: Vec<NodeId> = Vec::new();
     for (id, result) in results {
@@ -223,9 +279,13 @@ async fn replicate(cluster: &Cluster, batch: Vec<WriteJob>) {
     );
     cluster.commit_tx.send_replace(last);
     debug!(first = %first, last = %last, "batch committed");
-    for (job, outcome) in batch.into_iter().zip(outcomes) {
-        let _ = job.reply.send(outcome_result(outcome));
-    }
+    Answers(
+        batch
+            .into_iter()
+            .zip(outcomes)
+            .map(|(job, outcome)| (job.reply, outcome_result(outcome)))
+            .collect(),
+    )
 }
 
 #[cfg(test)]

@@ -126,6 +126,11 @@ struct Fake {
     queue_next_append: Arc<AtomicBool>,
     /// `read_many` calls answered.
     read_many_calls: Arc<AtomicUsize>,
+    /// Appends whose first seq is at least this wait until it is raised past it (as if
+    /// their fsync had not returned yet); `u64::MAX` holds none.
+    hold_from: Arc<watch::Sender<u64>>,
+    /// Appends waiting on `hold_from` right now.
+    appends_held: Arc<AtomicUsize>,
 }
 
 /// Most keys the fake answers per `read_many` (a real node stops at a byte budget), so the
@@ -204,6 +209,14 @@ impl Storage for Fake {
         req: AppendRequest,
     ) -> Result<Vec<Outcome>, KvError> {
         self.check(&token)?;
+        if let Some(first) = req.records.first().map(|r| r.seq.0) {
+            let mut hold = self.hold_from.subscribe();
+            if first >= *hold.borrow() {
+                self.appends_held.fetch_add(1, Ordering::SeqCst);
+                let _ = hold.wait_for(|from| first < *from).await;
+                self.appends_held.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         let mut d = self.data.lock().unwrap();
         self.land_queued(&mut d);
         self.fence(&mut d, req.epoch)?;
@@ -447,6 +460,8 @@ async fn start_fake(name: &str, registry: String, data: Arc<Mutex<Data>>) -> Fak
         silent: Arc::new(AtomicBool::new(false)),
         queue_next_append: Arc::new(AtomicBool::new(false)),
         read_many_calls: Arc::default(),
+        hold_from: Arc::new(watch::Sender::new(u64::MAX)),
+        appends_held: Arc::default(),
     };
     let server = fake.clone();
     tokio::spawn(async move {
@@ -1090,4 +1105,79 @@ async fn recovery_counts_an_append_still_queued_on_a_node() {
     );
     assert!(v3 > Seq(v1.0 + 1), "k3 came after the queued append");
     fe.stop().await;
+}
+
+/// A committed batch is answered while the next batch's appends are still on the nodes:
+/// the sequencer sends a batch's answers once it has started the next batch, never after
+/// that batch's fsyncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_write_is_answered_while_the_next_batch_is_on_the_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let fe = Arc::new(
+        start_frontend(Config {
+            rpc_timeout_ms: 10_000,
+            request_timeout_ms: 20_000,
+            failure_timeout_ms: 10_000,
+            ..config(dir.path())
+        })
+        .await,
+    );
+    let a = start_fake("a", fe.registry.clone(), Default::default()).await;
+    let b = start_fake("b", fe.registry.clone(), Default::default()).await;
+    fe.wait_in_sync(2).await;
+    let v0 = fe.put("c0", 1, "k0", "v").await.unwrap().version;
+    let fakes = [&a, &b];
+    let hold_from = |seq: u64| {
+        for f in fakes {
+            f.hold_from.send_replace(seq);
+        }
+    };
+    let wait_held = |what: &'static str| async move {
+        let deadline = Instant::now() + WAIT;
+        while !fakes
+            .iter()
+            .all(|f| f.appends_held.load(Ordering::SeqCst) == 1)
+        {
+            assert!(Instant::now() < deadline, "{what} never reached both nodes");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+
+    // x's append (the next seq) waits on both nodes.
+    hold_from(v0.0 + 1);
+    let x = tokio::spawn({
+        let fe = fe.clone();
+        async move { fe.put("cx", 1, "kx", "x").await }
+    });
+    wait_held("x's append").await;
+    // y is queued behind it: a request on the same connection answered after y's was
+    // read means y's handler has run, and a write's handler queues it at once.
+    let y = tokio::spawn({
+        let fe = fe.clone();
+        async move { fe.put("cy", 1, "ky", "y").await }
+    });
+    fe.status().await;
+
+    // x's batch commits; y's batch, the next one, stays on the nodes.
+    hold_from(v0.0 + 2);
+    let x = tokio::time::timeout(WAIT, x)
+        .await
+        .expect("x committed, so it is answered while y's append is still held")
+        .unwrap()
+        .unwrap();
+    assert_eq!(x.version, Seq(v0.0 + 1));
+    wait_held("y's append").await;
+    assert!(
+        !y.is_finished(),
+        "y cannot be answered before its append is written"
+    );
+
+    hold_from(u64::MAX);
+    let y = tokio::time::timeout(WAIT, y)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(y.version, Seq(v0.0 + 2));
+    Arc::try_unwrap(fe).ok().unwrap().stop().await;
 }
