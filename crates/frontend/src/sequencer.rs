@@ -99,6 +99,9 @@ pub async fn run(
     // The answers of the last committed batch, held while the next batch is started.
     let mut held = Answers::default();
     loop {
+        // While the cluster is unavailable a pass can refuse a batch without awaiting
+        // anything; this lets the runtime's other tasks run between such passes.
+        tokio::task::consume_budget().await;
         if *shutdown.borrow() {
             break;
         }
@@ -209,8 +212,9 @@ async fn replicate(cluster: &Cluster, batch: Vec<WriteJob>, mut held: Answers) -
         async move { (id.clone(), cluster.pool.append(id, req).await) }
     });
     let mut results = std::pin::pin!(futures::future::join_all(calls));
-    // One poll hands every append to its connection's dispatch task; only then are the
-    // previous batch's clients woken.
+    // One poll usually hands every append to its connection's dispatch task (not when a
+    // node must be connected to first, or its dispatch queue is full); either way the
+    // previous batch's clients are woken right after it, and only then.
     let first_poll = futures::poll!(results.as_mut());
     held.send();
     let results = match first_poll {

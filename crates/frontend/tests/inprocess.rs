@@ -1150,17 +1150,21 @@ async fn a_committed_write_is_answered_while_the_next_batch_is_on_the_nodes() {
         async move { fe.put("cx", 1, "kx", "x").await }
     });
     wait_held("x's append").await;
-    // y is queued behind it: a request on the same connection answered after y's was
-    // read means y's handler has run, and a write's handler queues it at once.
-    let y = tokio::spawn({
+    // y is queued behind it: polled once here, y's request is on the connection before
+    // the `status` request; a request on the same connection answered after y's was read
+    // means y's handler has run, and a write's handler queues it at once.
+    let mut y = Box::pin({
         let fe = fe.clone();
         async move { fe.put("cy", 1, "ky", "y").await }
     });
+    assert!(futures::poll!(y.as_mut()).is_pending());
+    let y = tokio::spawn(y);
     fe.status().await;
 
     // x's batch commits; y's batch, the next one, stays on the nodes.
     hold_from(v0.0 + 2);
-    let x = tokio::time::timeout(WAIT, x)
+    // Shorter than the request's own 10 s deadline, so a held answer fails here.
+    let x = tokio::time::timeout(Duration::from_secs(5), x)
         .await
         .expect("x committed, so it is answered while y's append is still held")
         .unwrap()
