@@ -130,7 +130,7 @@ struct Fake {
     /// their fsync had not returned yet); `u64::MAX` holds none.
     hold_from: Arc<watch::Sender<u64>>,
     /// Appends waiting on `hold_from` right now.
-    appends_held: Arc<AtomicUsize>,
+    appends_held: Arc<watch::Sender<usize>>,
 }
 
 /// Most keys the fake answers per `read_many` (a real node stops at a byte budget), so the
@@ -212,9 +212,9 @@ impl Storage for Fake {
         if let Some(first) = req.records.first().map(|r| r.seq.0) {
             let mut hold = self.hold_from.subscribe();
             if first >= *hold.borrow() {
-                self.appends_held.fetch_add(1, Ordering::SeqCst);
+                self.appends_held.send_modify(|n| *n += 1);
                 let _ = hold.wait_for(|from| first < *from).await;
-                self.appends_held.fetch_sub(1, Ordering::SeqCst);
+                self.appends_held.send_modify(|n| *n -= 1);
             }
         }
         let mut d = self.data.lock().unwrap();
@@ -461,7 +461,7 @@ async fn start_fake(name: &str, registry: String, data: Arc<Mutex<Data>>) -> Fak
         queue_next_append: Arc::new(AtomicBool::new(false)),
         read_many_calls: Arc::default(),
         hold_from: Arc::new(watch::Sender::new(u64::MAX)),
-        appends_held: Arc::default(),
+        appends_held: Arc::new(watch::Sender::new(0)),
     };
     let server = fake.clone();
     tokio::spawn(async move {
@@ -1133,13 +1133,12 @@ async fn a_committed_write_is_answered_while_the_next_batch_is_on_the_nodes() {
         }
     };
     let wait_held = |what: &'static str| async move {
-        let deadline = Instant::now() + WAIT;
-        while !fakes
-            .iter()
-            .all(|f| f.appends_held.load(Ordering::SeqCst) == 1)
-        {
-            assert!(Instant::now() < deadline, "{what} never reached both nodes");
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        for f in fakes {
+            let mut held = f.appends_held.subscribe();
+            tokio::time::timeout(WAIT, held.wait_for(|n| *n == 1))
+                .await
+                .unwrap_or_else(|_| panic!("{what} never reached node {}", f.id.0))
+                .unwrap();
         }
     };
 
