@@ -64,12 +64,26 @@ static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new()
 /// Most attempts at finding a port not handed out before.
 const FREE_PORT_ATTEMPTS: usize = 1000;
 
-/// A free TCP port on 127.0.0.1, never the same one twice in this test process (bound and
-/// released; another process could still take it, which is unlikely within a test).
+/// A free TCP port on 127.0.0.1, never the same one twice in this test process.
+///
+/// Taken below the kernel's ephemeral range (`ip_local_port_range`) where it can: a port
+/// from `bind(:0)` is released before the child binds it, and in between an outgoing
+/// connection of any process on the machine may take it as its local port (seen: a storage
+/// node's "Address already in use" while another test's cluster was busy). Ports below the
+/// range are only ever taken by listeners.
 pub fn free_port() -> u16 {
-    for _ in 0..FREE_PORT_ATTEMPTS {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let port = l.local_addr().expect("bound socket has an address").port();
+    let below = ephemeral_start().unwrap_or(0);
+    for attempt in 0..FREE_PORT_ATTEMPTS {
+        let port = if below > LOWEST_PORT + 1000 && attempt < FREE_PORT_ATTEMPTS / 2 {
+            let port = rand::Rng::gen_range(&mut rand::thread_rng(), LOWEST_PORT..below);
+            match TcpListener::bind(("127.0.0.1", port)) {
+                Ok(_) => port,
+                Err(_) => continue,
+            }
+        } else {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+            l.local_addr().expect("bound socket has an address").port()
+        };
         // A poisoned lock only means another test panicked; the list is still valid.
         let mut seen = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
         if !seen.contains(&port) {
@@ -78,6 +92,15 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no fresh free port after {FREE_PORT_ATTEMPTS} attempts");
+}
+
+/// Lowest port [`free_port`] hands out.
+const LOWEST_PORT: u16 = 10_000;
+
+/// First port of the kernel's ephemeral range, if it can be read.
+fn ephemeral_start() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
 }
 
 /// `127.0.0.1:<free port>`.
