@@ -26,6 +26,11 @@ use walkv_shared::{Epoch, KvError, NodeId, Seq};
 /// the caller asks: keeps every reply well below the frame limit for typical values.
 pub const MAX_PAGE_ITEMS: usize = 10_000;
 
+/// Longest an append that arrived before the append it follows waits for it (the frontend
+/// pipelines batches; see [`WalWriter::append_in_order`]). The one before it is normally
+/// microseconds behind; when it never comes, the append is answered `Gap`.
+pub const OVERTAKEN_APPEND_WAIT: Duration = Duration::from_secs(1);
+
 /// The node's `Storage` service. Cheap to clone (one `Arc`).
 #[derive(Clone, Debug)]
 pub struct StorageServer {
@@ -178,7 +183,12 @@ impl Storage for StorageServer {
         debug!("append");
         self.inner
             .writer
-            .append(req.epoch, req.commit_seq, req.records.into_vec())
+            .append_in_order(
+                req.epoch,
+                req.commit_seq,
+                req.records.into_vec(),
+                OVERTAKEN_APPEND_WAIT,
+            )
             .await
     }
 

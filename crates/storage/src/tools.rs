@@ -208,6 +208,7 @@ pub async fn bench(
                 };
                 rx.await
                     .map_err(|e| e.to_string())?
+                    .into_result()
                     .map_err(|e| e.to_string())?;
                 hist.record(t.elapsed().as_micros() as u64)
                     .map_err(|e| e.to_string())?;

@@ -138,12 +138,37 @@ pub struct WriterConfig {
 
 type Reply<T> = oneshot::Sender<Result<T, KvError>>;
 
+/// The writer's answer to an append.
+#[derive(Debug)]
+pub enum Appended {
+    /// One outcome per record, or why the append was refused.
+    Done(Result<Vec<Outcome>, KvError>),
+    /// The append starts after the end of the log (a `Gap`): its records come back, so the
+    /// caller can submit them again once the append before them has arrived.
+    Early {
+        /// The seq the log needs next.
+        expected: Seq,
+        /// The append's records, untouched.
+        records: Vec<Record>,
+    },
+}
+
+impl Appended {
+    /// The outcomes, or the refusal (`Gap` for an early append).
+    pub fn into_result(self) -> Result<Vec<Outcome>, KvError> {
+        match self {
+            Appended::Done(r) => r,
+            Appended::Early { expected, .. } => Err(KvError::Gap { expected }),
+        }
+    }
+}
+
 enum Command {
     Append {
         epoch: Epoch,
         commit: Seq,
         records: Vec<Record>,
-        reply: Reply<Vec<Outcome>>,
+        reply: oneshot::Sender<Appended>,
     },
     Truncate {
         epoch: Epoch,
@@ -162,6 +187,7 @@ enum Command {
 #[derive(Clone, Debug)]
 pub struct WalWriter {
     tx: mpsc::Sender<Command>,
+    state: Arc<NodeState>,
 }
 
 impl std::fmt::Debug for Command {
@@ -200,6 +226,7 @@ impl WalWriter {
         cfg: WriterConfig,
     ) -> std::io::Result<(WalWriter, WriterThread)> {
         let (tx, rx) = mpsc::channel(WRITER_CHANNEL_CAPACITY);
+        let handle_state = state.clone();
         let mut w = Writer {
             state,
             wal,
@@ -210,7 +237,13 @@ impl WalWriter {
         let handle = std::thread::Builder::new()
             .name("wal-writer".into())
             .spawn(move || w.run())?;
-        Ok((WalWriter { tx }, WriterThread(handle)))
+        Ok((
+            WalWriter {
+                tx,
+                state: handle_state,
+            },
+            WriterThread(handle),
+        ))
     }
 
     /// Queues an append and returns the receiver of its outcome. Queue order is commit
@@ -221,7 +254,7 @@ impl WalWriter {
         epoch: Epoch,
         commit: Seq,
         records: Vec<Record>,
-    ) -> Result<oneshot::Receiver<Result<Vec<Outcome>, KvError>>, KvError> {
+    ) -> Result<oneshot::Receiver<Appended>, KvError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Append {
@@ -246,6 +279,42 @@ impl WalWriter {
             .await?
             .await
             .map_err(|_| closed())?
+            .into_result()
+    }
+
+    /// Like [`WalWriter::append`], but an append that arrives before the append it follows
+    /// waits up to `wait` for the log to reach the seq before its first record, then goes
+    /// to the writer again; `Gap` only when that does not happen in time. The frontend sends
+    /// a node several batches at once, in order on one connection, and the requests of one
+    /// connection run concurrently: without this, the rare overtaking would cost the node
+    /// its place in the in-sync set.
+    pub async fn append_in_order(
+        &self,
+        epoch: Epoch,
+        commit: Seq,
+        mut records: Vec<Record>,
+        wait: std::time::Duration,
+    ) -> Result<Vec<Outcome>, KvError> {
+        let give_up = tokio::time::Instant::now() + wait;
+        let mut applied = self.state.applied.subscribe();
+        loop {
+            let answer = self
+                .submit(epoch, commit, records)
+                .await?
+                .await
+                .map_err(|_| closed())?;
+            let (expected, back) = match answer {
+                Appended::Done(r) => return r,
+                Appended::Early { expected, records } => (expected, records),
+            };
+            // `Early` means the log ends before the first record's predecessor.
+            let before = Seq(back[0].seq.0 - 1);
+            let arrived = tokio::time::timeout_at(give_up, applied.wait_for(|s| *s >= before));
+            match arrived.await {
+                Ok(Ok(_)) => records = back,
+                _ => return Err(KvError::Gap { expected }),
+            }
+        }
     }
 
     /// Drops every record after `after`.
@@ -297,7 +366,7 @@ struct Accepted {
     records: Vec<Record>,
     first_new: usize,
     commit: Seq,
-    reply: Reply<Vec<Outcome>>,
+    reply: oneshot::Sender<Appended>,
 }
 
 impl Accepted {
@@ -405,7 +474,7 @@ impl Writer {
                 unreachable!("only appends are batched")
             };
             if let Some(e) = self.io_error() {
-                let _ = reply.send(Err(e));
+                let _ = reply.send(Appended::Done(Err(e)));
                 continue;
             }
             match self.check_append(epoch, &records, next, &accepted) {
@@ -418,8 +487,11 @@ impl Writer {
                         reply,
                     });
                 }
+                Err(KvError::Gap { expected }) => {
+                    let _ = reply.send(Appended::Early { expected, records });
+                }
                 Err(e) => {
-                    let _ = reply.send(Err(e));
+                    let _ = reply.send(Appended::Done(Err(e)));
                 }
             }
         }
@@ -441,9 +513,9 @@ impl Writer {
                     self.wal.path().display()
                 ));
                 for a in accepted {
-                    let _ = a.reply.send(Err(self
+                    let _ = a.reply.send(Appended::Done(Err(self
                         .io_error()
-                        .unwrap_or_else(|| KvError::Io(e.to_string()))));
+                        .unwrap_or_else(|| KvError::Io(e.to_string())))));
                 }
                 return;
             }
@@ -468,7 +540,7 @@ impl Writer {
             self.state.applied.send_replace(store.pos().seq);
         }
         for (reply, outcomes) in replies {
-            let _ = reply.send(Ok(outcomes));
+            let _ = reply.send(Appended::Done(Ok(outcomes)));
         }
         self.maybe_snapshot();
     }
@@ -716,6 +788,7 @@ mod tests {
     use crate::store::tests::put;
     use crate::wal::disk::SimDisk;
     use crate::wal::recover;
+    use std::time::Duration;
 
     #[test]
     fn snapshots_are_due_after_snapshot_every_or_half_the_keys_whichever_is_more() {
@@ -761,7 +834,7 @@ mod tests {
                             .unwrap()
                     };
                     assert!(matches!(
-                        rx.await.unwrap().unwrap()[0],
+                        rx.await.unwrap().into_result().unwrap()[0],
                         Outcome::Written { .. }
                     ));
                 }
@@ -802,12 +875,12 @@ mod tests {
         let mut newer = put(2001, "x", "new");
         newer.epoch = Epoch(2);
         let new = w.submit(Epoch(2), Seq(0), vec![newer]).await.unwrap();
-        assert_eq!(busy.await.unwrap().unwrap().len(), 2000);
+        assert_eq!(busy.await.unwrap().into_result().unwrap().len(), 2000);
         assert!(matches!(
-            old.await.unwrap().unwrap()[..],
+            old.await.unwrap().into_result().unwrap()[..],
             [Outcome::Written { .. }]
         ));
-        let r = new.await.unwrap();
+        let r = new.await.unwrap().into_result();
         assert!(
             matches!(&r, Err(KvError::Internal(m)) if m.contains("diverged log: seq 2001")),
             "{r:?}"
@@ -836,9 +909,9 @@ mod tests {
                 let r = vec![put(2001 + i, &format!("big{i}"), &value)];
                 large.push(w.submit(Epoch(1), Seq(0), r).await.unwrap());
             }
-            busy.await.unwrap().unwrap();
+            busy.await.unwrap().into_result().unwrap();
             for rx in large {
-                rx.await.unwrap().unwrap();
+                rx.await.unwrap().into_result().unwrap();
             }
             w.close().await;
             tokio::task::spawn_blocking(move || t.join()).await.unwrap();
@@ -901,6 +974,58 @@ mod tests {
         w.close().await;
         tokio::task::spawn_blocking(move || t.join()).await.unwrap();
         assert_eq!(read_epoch(dir.path()).unwrap(), Epoch(2));
+    }
+
+    /// Pipelined batches can reach the writer out of order: the later one waits for the
+    /// one it follows instead of being refused, and only a predecessor that never comes
+    /// makes it a `Gap`.
+    #[tokio::test]
+    async fn an_append_that_overtook_the_one_before_it_waits_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, w, t) = open(dir.path(), 1_000_000);
+        let wait = Duration::from_secs(10);
+        let mut second = Box::pin(w.append_in_order(
+            Epoch(1),
+            Seq(0),
+            vec![put(3, "c", "3"), put(4, "d", "4")],
+            wait,
+        ));
+        // The first poll hands it to the writer, ahead of the append it follows.
+        assert!(futures::poll!(second.as_mut()).is_pending());
+        let first = w
+            .append_in_order(
+                Epoch(1),
+                Seq(0),
+                vec![put(1, "a", "1"), put(2, "b", "2")],
+                wait,
+            )
+            .await
+            .unwrap();
+        assert_eq!(first.len(), 2);
+        assert_eq!(
+            second.await.unwrap(),
+            vec![
+                Outcome::Written { version: Seq(3) },
+                Outcome::Written { version: Seq(4) }
+            ]
+        );
+        assert_eq!(state.store().pos().seq, Seq(4));
+
+        // No append before it ever comes: a gap, after the wait.
+        let started = std::time::Instant::now();
+        let lonely = w
+            .append_in_order(
+                Epoch(1),
+                Seq(0),
+                vec![put(7, "g", "7")],
+                Duration::from_millis(50),
+            )
+            .await;
+        assert_eq!(lonely, Err(KvError::Gap { expected: Seq(5) }));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert_eq!(state.store().pos().seq, Seq(4), "nothing of it was written");
+        w.close().await;
+        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
     }
 
     #[tokio::test]
