@@ -12,6 +12,11 @@
 # A_FLAGS and B_FLAGS add bench flags to one side, to compare two settings of one build:
 #
 #   A=target/release B=target/release A_FLAGS="--connections 16" scripts/bench-ab.sh
+#
+# A_CONFIG and B_CONFIG give one side another frontend config file, to compare two
+# settings of the frontend:
+#
+#   A=target/release B=target/release A_CONFIG=/tmp/depth1.toml scripts/bench-ab.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${A:?A=dir of the first build}" "${B:?B=dir of the second build}"
@@ -41,8 +46,10 @@ for round in $(seq 1 "$ROUNDS"); do
     bin=${!side}
     side_flags_var=${side}_FLAGS
     side_flags=${!side_flags_var:-}
+    side_config_var=${side}_CONFIG
+    side_config=${!side_config_var:-config/frontend.toml}
     log=$(mktemp /tmp/walkv-ab-cluster.XXXXXX)
-    BIN=$bin BASE=$BASE scripts/bench-cluster.sh >"$log" 2>&1 &
+    BIN=$bin BASE=$BASE FRONTEND_CONFIG=$side_config scripts/bench-cluster.sh >"$log" 2>&1 &
     cluster=$!
     for _ in $(seq 1 100); do grep -q "cluster up" "$log" && break; sleep 0.1; done
     grep -q "cluster up" "$log" || { echo "cluster of $side did not start:" >&2; cat "$log" >&2; exit 1; }

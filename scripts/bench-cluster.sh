@@ -3,6 +3,7 @@
 # 127.0.0.1 with the repo's config files, data and logs under $DIR (default: a new temp
 # dir), ports from $BASE (default 27000: frontend 27000/27001, storage 27101-27103).
 # Prints the frontend address and the pids, then waits; Ctrl-C or SIGTERM stops all four.
+# FRONTEND_CONFIG names another frontend config file (default config/frontend.toml).
 #
 #   BIN=target/release scripts/bench-cluster.sh &
 #   ./target/release/client --id b --frontend 127.0.0.1:27000 bench --clients 64 --duration 10
@@ -10,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.}
 BASE=${BASE:-27000}
+FRONTEND_CONFIG=${FRONTEND_CONFIG:-config/frontend.toml}
 DIR=${DIR:-$(mktemp -d /tmp/walkv-bench.XXXXXX)}
 # Refuse to start on a busy port: a storage node of someone else's cluster would otherwise
 # register with this frontend (or ours with theirs).
@@ -26,7 +28,7 @@ stop() {
   wait || true
 }
 trap stop INT TERM EXIT
-"$BIN/frontend" --config config/frontend.toml --client-listen "127.0.0.1:$BASE" \
+"$BIN/frontend" --config "$FRONTEND_CONFIG" --client-listen "127.0.0.1:$BASE" \
   --storage-listen "127.0.0.1:$((BASE + 1))" --http-listen "127.0.0.1:$((BASE + 80))" \
   --resp-listen "127.0.0.1:$((BASE + 79))" --data-dir "$DIR/frontend" \
   >>"$DIR/logs/frontend.log" 2>&1 &

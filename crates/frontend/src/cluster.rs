@@ -5,10 +5,12 @@
 //! Locking rules:
 //! - `membership` is a `std::sync::Mutex`, held only for short synchronous steps, never
 //!   across `.await`.
-//! - `gate` (the write gate) is a tokio mutex held by the sequencer for a whole batch and by
-//!   every ISR change (removal, join, recovery, retirement). So the ISR never changes while a
-//!   batch is in flight, the commit index only moves under the gate, and state-file writes
-//!   (always made under the gate) are never reordered.
+//! - `gate` (the write gate, a [`Gate`]) is held by the sequencer while any batch is in
+//!   flight and by every ISR change (removal, join, recovery, retirement). So the ISR never
+//!   grows and the epoch never changes while a batch is in flight, the commit index only
+//!   moves under the gate, and state-file writes (always made under the gate) are never
+//!   reordered. The sequencer starts no new batch while another task waits for the gate, so
+//!   a steady stream of writes cannot keep an ISR change out.
 //! - The commit index lives in a `watch` channel so reads can wait for a seq to commit.
 
 use crate::config::Config;
@@ -18,6 +20,7 @@ use crate::read_batch::ReadBatcher;
 use crate::sequencer::WriteJob;
 use crate::state::StateFile;
 use crate::watch::ChangeLog;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, MutexGuard};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, warn};
@@ -31,7 +34,7 @@ pub struct Cluster {
     /// The pure membership state machine (see [`crate::isr`]).
     pub membership: std::sync::Mutex<Membership>,
     /// The write gate (see the module docs).
-    pub gate: tokio::sync::Mutex<()>,
+    pub gate: Gate,
     /// Highest committed seq.
     pub commit_tx: watch::Sender<Seq>,
     /// Connections to storage nodes.
@@ -60,7 +63,7 @@ impl Cluster {
         Cluster {
             config,
             membership: std::sync::Mutex::new(membership),
-            gate: tokio::sync::Mutex::new(()),
+            gate: Gate::default(),
             commit_tx: watch::channel(Seq(0)).0,
             pool,
             reads: Arc::default(),
@@ -127,5 +130,70 @@ impl Cluster {
                 );
             }
         }
+    }
+}
+
+/// The write gate: a fair (FIFO) async mutex that also tells its holder whether another
+/// task is waiting for it, so the sequencer can let an ISR change in between batches.
+#[derive(Debug, Default)]
+pub struct Gate {
+    mutex: tokio::sync::Mutex<()>,
+    waiting: AtomicUsize,
+}
+
+/// Holding this is holding the write gate.
+pub type GateGuard<'a> = tokio::sync::MutexGuard<'a, ()>;
+
+impl Gate {
+    /// Waits for the gate; counted as waiting (see [`Gate::contended`]) until it has it.
+    pub async fn lock(&self) -> GateGuard<'_> {
+        if let Ok(guard) = self.mutex.try_lock() {
+            return guard;
+        }
+        /// Uncounts the waiter also when the waiting future is dropped.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
+        self.mutex.lock().await
+    }
+
+    /// The gate if it is free now.
+    pub fn try_lock(&self) -> Option<GateGuard<'_>> {
+        self.mutex.try_lock().ok()
+    }
+
+    /// Whether a task is waiting for the gate.
+    pub fn contended(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst) > 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Gate;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_waiter_is_counted_until_it_has_the_gate_or_gives_up() {
+        let gate = Gate::default();
+        let held = gate.lock().await;
+        assert!(!gate.contended(), "the holder itself is not a waiter");
+        let mut waiter = Box::pin(gate.lock());
+        assert!(futures::poll!(waiter.as_mut()).is_pending());
+        assert!(gate.contended());
+        drop(held);
+        let second = waiter.await;
+        assert!(!gate.contended(), "the waiter got the gate");
+        let mut gave_up = Box::pin(gate.lock());
+        assert!(futures::poll!(gave_up.as_mut()).is_pending());
+        assert!(gate.contended());
+        drop(gave_up);
+        assert!(!gate.contended(), "a dropped wait is uncounted");
+        drop(second);
+        assert!(gate.try_lock().is_some());
     }
 }

@@ -53,6 +53,8 @@ pub struct Config {
     pub batch_max: u32,
     /// Capacity of the write queue in front of the sequencer; a full queue makes clients wait. Default 4096.
     pub write_queue: u32,
+    /// Most batches replicating at once: batch n + 1 is sent before batch n is acknowledged, up to this many (1 = one at a time). Default 2.
+    pub pipeline_depth: u32,
     /// Records (or snapshot keys) per catch-up page. Default 2000.
     pub catchup_page_max: u32,
     /// A catching-up node joins the in-sync set (under the write gate) once it is fewer than this many records behind. Default 1000.
@@ -99,6 +101,7 @@ impl Default for Config {
             failure_timeout_ms: 1500,
             batch_max: 1024,
             write_queue: 4096,
+            pipeline_depth: 2,
             catchup_page_max: 2000,
             catchup_join_lag: 1000,
             recovery_grace_ms: 1000,
@@ -157,6 +160,7 @@ impl Config {
         at_least_one("heartbeat_ms", self.heartbeat_ms)?;
         at_least_one("batch_max", self.batch_max.into())?;
         at_least_one("write_queue", self.write_queue.into())?;
+        at_least_one("pipeline_depth", self.pipeline_depth.into())?;
         at_least_one("catchup_page_max", self.catchup_page_max.into())?;
         at_least_one("catchup_join_lag", self.catchup_join_lag)?;
         at_least_one("max_key_bytes", self.max_key_bytes.into())?;

@@ -8,14 +8,16 @@
 //!   `walkv_node_applied_seq{node}`, `walkv_node_lag{node}`, `walkv_node_role{node, role}`
 //!   (1 for the node's role), `walkv_catchup_done{node}` / `walkv_catchup_total{node}`.
 //! - `walkv_watch_sessions`: open WebSocket watchers.
+//! - `walkv_batch_records`: records per replicated batch; `walkv_batches_in_flight`: batches
+//!   replicating when one starts, itself included (at most `pipeline_depth`).
 //!
 //! Counters live in one process-wide registry ([`METRICS`]): a process has one frontend,
 //! and in-process tests that start several only share counters, never state.
 
 use crate::cluster::Cluster;
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::sync::LazyLock;
 use std::time::Instant;
@@ -35,6 +37,8 @@ pub struct Metrics {
     latency: HistogramVec,
     /// Open WebSocket watch sessions.
     pub watch_sessions: IntGauge,
+    batch_records: Histogram,
+    batches_in_flight: Histogram,
 }
 
 /// The process-wide metrics.
@@ -58,21 +62,43 @@ impl Metrics {
         .expect("valid metric definition");
         let watch_sessions = IntGauge::new("walkv_watch_sessions", "Open WebSocket watchers")
             .expect("valid metric definition");
-        registry
-            .register(Box::new(requests.clone()))
-            .expect("registered once");
-        registry
-            .register(Box::new(latency.clone()))
-            .expect("registered once");
-        registry
-            .register(Box::new(watch_sessions.clone()))
-            .expect("registered once");
+        let batch_records = Histogram::with_opts(
+            HistogramOpts::new("walkv_batch_records", "Records per replicated batch")
+                .buckets(prometheus::exponential_buckets(1.0, 2.0, 12).expect("valid buckets")),
+        )
+        .expect("valid metric definition");
+        let batches_in_flight = Histogram::with_opts(
+            HistogramOpts::new(
+                "walkv_batches_in_flight",
+                "Batches replicating when one starts, itself included",
+            )
+            .buckets(vec![1.0, 2.0, 3.0, 4.0, 8.0]),
+        )
+        .expect("valid metric definition");
+        for m in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(latency.clone()),
+            Box::new(watch_sessions.clone()),
+            Box::new(batch_records.clone()),
+            Box::new(batches_in_flight.clone()),
+        ] {
+            registry.register(m).expect("registered once");
+        }
         Metrics {
             registry,
             requests,
             latency,
             watch_sessions,
+            batch_records,
+            batches_in_flight,
         }
+    }
+
+    /// Records a batch started with `records` records, `in_flight` batches replicating
+    /// (itself included).
+    pub fn batch_started(&self, records: usize, in_flight: usize) {
+        self.batch_records.observe(records as f64);
+        self.batches_in_flight.observe(in_flight as f64);
     }
 
     /// Records one finished request.

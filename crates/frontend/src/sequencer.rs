@@ -5,24 +5,31 @@
 //! records and [`BATCH_MAX_BYTES`], and under the write gate:
 //!
 //! 1. refuses the batch with `Unavailable` unless serving with at least `min_insync` members;
-//! 2. assigns consecutive seqs from `next_seq`, stamps the epoch ([`build_records`], pure);
-//! 3. sends one `append` to every ISR member concurrently (deadline `rpc_timeout_ms`);
-//! 4. removes every member that failed from the ISR and **persists the new ISR before
-//!    acknowledging anything**;
-//! 5. if fewer than `min_insync` members acked (or every member failed), answers `Timeout`
-//!    (outcome unknown: the records may survive on a member) and enters recovery, which
-//!    bumps the epoch and re-establishes the truth;
+//! 2. assigns consecutive seqs after the last batch in flight (or from `next_seq`), stamps
+//!    the epoch ([`build_records`], pure);
+//! 3. sends one `append` to every ISR member concurrently (deadline `rpc_timeout_ms`), and
+//!    goes on to the next batch while this one replicates, up to `pipeline_depth` batches
+//!    in flight ([`may_start`]);
+//! 4. when the oldest batch's appends have answered, removes every member that failed from
+//!    the ISR and **persists the new ISR before acknowledging anything**;
+//! 5. if fewer than `min_insync` current members acked (or every member failed), answers
+//!    `Timeout` (outcome unknown: the records may survive on a member) to it and to every
+//!    batch behind it, and enters recovery, which bumps the epoch and re-establishes the
+//!    truth;
 //! 6. otherwise publishes the batch's changes to the watch ring ([`crate::watch`], never
 //!    blocks), advances the commit index and answers each write from the deterministic
 //!    [`Outcome`] its record produced ([`outcome_result`]); when more writes are queued,
 //!    the answers go out just after the next batch's appends are started (`Answers`).
 //!
-//! Invariants: one batch in flight at a time; seqs are assigned without gaps and never
-//! reused within an epoch (recovery resets `next_seq` to `L + 1` and bumps the epoch);
-//! a write is acknowledged only after every ISR member at that moment fsynced it.
+//! Invariants: batches commit in seq order, each only after every batch before it; seqs
+//! are assigned without gaps and never reused within an epoch (recovery resets `next_seq`
+//! to `L + 1` and bumps the epoch); a write is acknowledged only after every ISR member at
+//! that moment fsynced it (the ISR cannot grow while batches are in flight: joining needs
+//! the gate); the gate is held exactly while batches are in flight.
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, GateGuard};
 use crate::isr::IsrChange;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
@@ -96,8 +103,13 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let batch_max = cluster.config.batch_max as usize;
+    let depth = cluster.config.pipeline_depth as usize;
+    let mut pipeline = Pipeline::default();
     // The answers of the last committed batch, held while the next batch is started.
     let mut held = Answers::default();
+    // A write taken from the queue while waiting on the pipeline: it opens the next batch.
+    let mut carried: Option<WriteJob> = None;
+    let mut queue_open = true;
     loop {
         // While the cluster is unavailable a pass can refuse a batch without awaiting
         // anything; this lets the runtime's other tasks run between such passes.
@@ -105,44 +117,97 @@ pub async fn run(
         if *shutdown.borrow() {
             break;
         }
-        let first = match rx.try_recv() {
-            Ok(job) => job,
-            Err(_) => {
-                // Nothing to start: answer now, then wait.
-                held.send();
-                tokio::select! {
-                    job = rx.recv() => match job { Some(j) => j, None => break },
-                    _ = shutdown.wait_for(|s| *s) => break,
+        if pipeline.is_empty() {
+            // The gate is held exactly while batches are in flight.
+            pipeline.gate = None;
+        }
+        if pipeline.has_room(&cluster, depth) {
+            let first = match carried.take().or_else(|| rx.try_recv().ok()) {
+                Some(job) => Some(job),
+                None if pipeline.is_empty() => {
+                    // Nothing in flight and nothing to start: answer now, then wait.
+                    held.send();
+                    tokio::select! {
+                        job = rx.recv() => match job { Some(j) => Some(j), None => break },
+                        _ = shutdown.wait_for(|s| *s) => break,
+                    }
                 }
+                None => None,
+            };
+            if let Some(first) = first {
+                let batch = take_batch(first, &mut rx, batch_max);
+                if !batch.is_empty() {
+                    pipeline.start(&cluster, batch, &mut held).await;
+                }
+                held.send();
+                continue;
+            }
+        }
+        // Wait for the oldest batch, or for a write to start another batch beside it.
+        held.send();
+        let room = queue_open && carried.is_none() && pipeline.has_room(&cluster, depth);
+        let oldest = pipeline.oldest();
+        let results = tokio::select! {
+            biased;
+            results = &mut oldest.results => results,
+            job = rx.recv(), if room => {
+                match job {
+                    Some(job) => carried = Some(job),
+                    None => queue_open = false,
+                }
+                continue;
             }
         };
-        let mut bytes = job_bytes(&first);
-        let mut batch = vec![first];
-        while batch.len() < batch_max && bytes < BATCH_MAX_BYTES {
-            match rx.try_recv() {
-                Ok(job) => {
-                    bytes += job_bytes(&job);
-                    batch.push(job);
-                }
-                Err(_) => break,
-            }
-        }
-        // A client that already gave up gets nothing written: skipping is safe because
-        // nothing of it reached a node yet, and it keeps a backlog from growing.
-        batch.retain(|j| !j.reply.is_closed());
-        if batch.is_empty() {
-            held.send();
-        } else {
-            held = replicate(&cluster, batch, held).await;
-        }
+        held = pipeline.finish_oldest(&cluster, results).await;
     }
     held.send();
+    // Batches in flight get their real answers (each append is bounded by the RPC timeout).
+    while !pipeline.is_empty() {
+        let results = (&mut pipeline.oldest().results).await;
+        pipeline.finish_oldest(&cluster, results).await.send();
+    }
+    if let Some(job) = carried {
+        let _ = job.reply.send(Err(KvError::Unavailable(
+            "frontend is shutting down".into(),
+        )));
+    }
     rx.close();
     while let Ok(job) = rx.try_recv() {
         let _ = job.reply.send(Err(KvError::Unavailable(
             "frontend is shutting down".into(),
         )));
     }
+}
+
+/// Whether a batch may start with `in_flight` batches replicating: always when none is
+/// (the gate is taken fairly then), else only below `depth` and while no other task waits
+/// for the write gate, so the pipeline drains and lets an ISR change in. Pure.
+pub fn may_start(in_flight: usize, depth: usize, gate_contended: bool) -> bool {
+    in_flight == 0 || (in_flight < depth && !gate_contended)
+}
+
+/// Takes `first` and what is queued behind it, up to `batch_max` writes and
+/// [`BATCH_MAX_BYTES`]; drops the writes whose clients already gave up.
+fn take_batch(
+    first: WriteJob,
+    rx: &mut mpsc::Receiver<WriteJob>,
+    batch_max: usize,
+) -> Vec<WriteJob> {
+    let mut bytes = job_bytes(&first);
+    let mut batch = vec![first];
+    while batch.len() < batch_max && bytes < BATCH_MAX_BYTES {
+        match rx.try_recv() {
+            Ok(job) => {
+                bytes += job_bytes(&job);
+                batch.push(job);
+            }
+            Err(_) => break,
+        }
+    }
+    // A client that already gave up gets nothing written: skipping is safe because
+    // nothing of it reached a node yet, and it keeps a backlog from growing.
+    batch.retain(|j| !j.reply.is_closed());
+    batch
 }
 
 /// The answers of a committed batch, not sent yet.
@@ -174,122 +239,229 @@ fn answer_all(batch: Vec<WriteJob>, err: KvError) -> Answers {
     Answers::default()
 }
 
-/// Replicates one batch under the write gate. Sends `held` once this batch's appends are
-/// started, and returns this batch's answers (errors are answered at once).
-async fn replicate(cluster: &Cluster, batch: Vec<WriteJob>, mut held: Answers) -> Answers {
-    let min_insync = cluster.config.min_insync as usize;
-    // Recovery holds the gate for as long as it takes: the held answers do not wait on it.
-    let _gate = match cluster.gate.try_lock() {
-        Ok(gate) => gate,
-        Err(_) => {
-            held.send();
-            cluster.gate.lock().await
-        }
-    };
-    let (epoch, targets, first) = {
-        let m = cluster.m();
-        if let Err(e) = m.check_available(cluster.config.min_insync) {
-            drop(m);
-            held.send();
-            return answer_all(batch, e);
-        }
-        (
-            m.state.epoch,
-            m.state.isr.iter().cloned().collect::<Vec<NodeId>>(),
-            m.next_seq,
-        )
-    };
-    let records = build_records(batch.iter().map(|j| &j.req), first, epoch);
-    let last = Seq(first.0 + records.len() as u64 - 1);
-    let req = AppendRequest {
-        epoch,
-        commit_seq: cluster.commit(),
-        records: records.into(),
-    };
-    let n = req.records.len();
-    let calls = targets.iter().map(|id| {
-        let req = req.clone();
-        async move { (id.clone(), cluster.pool.append(id, req).await) }
-    });
-    let mut results = std::pin::pin!(futures::future::join_all(calls));
-    // One poll usually hands every append to its connection's dispatch task (not when a
-    // node must be connected to first, or its dispatch queue is full); either way the
-    // previous batch's clients are woken right after it, and only then.
-    let first_poll = futures::poll!(results.as_mut());
-    held.send();
-    let results = match first_poll {
-        std::task::Poll::Ready(r) => r,
-        std::task::Poll::Pending => results.await,
-    };
-    let mut acked: Vec<(NodeId, Vec<Outcome>)> = Vec::new();
-    let mut failed: Vec<NodeId> = Vec::new();
-    for (id, result) in results {
-        match result {
-            Ok(outcomes) if outcomes.len() == n => acked.push((id, outcomes)),
-            Ok(outcomes) => {
-                warn!(node = %id, expected = n, got = outcomes.len(), "append answered the wrong number of outcomes");
-                failed.push(id);
-            }
-            Err(e) => {
-                warn!(node = %id, error = %e, first = %first, last = %last, "append failed");
-                failed.push(id);
-            }
-        }
+/// What every target answered to one batch's append.
+type AppendResults = Vec<(NodeId, Result<Vec<Outcome>, KvError>)>;
+
+/// A batch whose appends are on their way to the nodes.
+struct InFlight<'a> {
+    batch: Vec<WriteJob>,
+    req: AppendRequest,
+    first: Seq,
+    last: Seq,
+    results: std::pin::Pin<Box<dyn std::future::Future<Output = AppendResults> + Send + 'a>>,
+}
+
+/// The batches in flight, oldest first, and the write gate while there are any.
+///
+/// Batch `n + 1` may be sent before batch `n` is acknowledged (up to `pipeline_depth`
+/// batches), so a node's disk is never idle waiting for the frontend's round trip. Every
+/// node receives them in order over its one connection and keeps its log without gaps
+/// (an append that arrives before the one it follows waits for it; see the storage node's
+/// `append`). Batches commit strictly in order: a batch is acknowledged only once every
+/// batch before it committed, and when one fails in a way that needs recovery, every batch
+/// behind it is answered `Timeout` (outcome unknown) and the pipeline is emptied.
+#[derive(Default)]
+struct Pipeline<'a> {
+    gate: Option<GateGuard<'a>>,
+    batches: VecDeque<InFlight<'a>>,
+}
+
+impl<'a> Pipeline<'a> {
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty()
     }
-    if !failed.is_empty() {
-        let why = format!("append of seq {first}..={last} failed");
-        let change = cluster.m().remove_from_isr(&failed, &why);
-        let recovering = change == IsrChange::RecoveryNeeded;
-        cluster.after_isr_change(change, &why).await;
-        if recovering || !cluster.m().serving() {
+
+    /// Whether another batch may start now (see [`may_start`]).
+    fn has_room(&self, cluster: &Cluster, depth: usize) -> bool {
+        may_start(self.batches.len(), depth, cluster.gate.contended())
+    }
+
+    fn oldest(&mut self) -> &mut InFlight<'a> {
+        self.batches
+            .front_mut()
+            .expect("waiting on an empty pipeline")
+    }
+
+    /// Starts replicating `batch`: takes the gate if needed, assigns seqs after the last
+    /// batch in flight and hands the appends to the connections. Sends `held` once the
+    /// appends are started (or before waiting for the gate). A refused batch is answered
+    /// at once.
+    async fn start(&mut self, cluster: &'a Cluster, batch: Vec<WriteJob>, held: &mut Answers) {
+        if self.gate.is_none() {
+            // Recovery holds the gate for as long as it takes: the held answers do not
+            // wait on it.
+            self.gate = Some(match cluster.gate.try_lock() {
+                Some(gate) => gate,
+                None => {
+                    held.send();
+                    cluster.gate.lock().await
+                }
+            });
+        }
+        let (epoch, targets, first) = {
+            let m = cluster.m();
+            if let Err(e) = m.check_available(cluster.config.min_insync) {
+                drop(m);
+                answer_all(batch, e);
+                return;
+            }
+            let first = match self.batches.back() {
+                Some(b) => b.last.next(),
+                None => m.next_seq,
+            };
+            (
+                m.state.epoch,
+                m.state.isr.iter().cloned().collect::<Vec<NodeId>>(),
+                first,
+            )
+        };
+        let records = build_records(batch.iter().map(|j| &j.req), first, epoch);
+        let n = records.len();
+        let last = Seq(first.0 + n as u64 - 1);
+        let req = AppendRequest {
+            epoch,
+            commit_seq: cluster.commit(),
+            records: records.into(),
+        };
+        let calls = targets.into_iter().map(|id| {
+            let req = req.clone();
+            async move {
+                let result = cluster.pool.append(&id, req).await;
+                (id, result)
+            }
+        });
+        let mut results: std::pin::Pin<
+            Box<dyn std::future::Future<Output = AppendResults> + Send>,
+        > = Box::pin(futures::future::join_all(calls));
+        // One poll usually hands every append to its connection's dispatch task (not when
+        // a node must be connected to first, or its dispatch queue is full); the previous
+        // batch's clients are woken right after it, and only then.
+        let results = match futures::poll!(results.as_mut()) {
+            std::task::Poll::Ready(r) => Box::pin(std::future::ready(r)) as _,
+            std::task::Poll::Pending => results,
+        };
+        self.batches.push_back(InFlight {
+            batch,
+            req,
+            first,
+            last,
+            results,
+        });
+        crate::metrics::METRICS.batch_started(n, self.batches.len());
+    }
+
+    /// Handles the oldest batch's append results: shrinks the ISR by the members that
+    /// failed, and commits the batch or (when it cannot) answers it and every batch behind
+    /// it `Timeout`. Returns the committed batch's answers, not yet sent.
+    async fn finish_oldest(&mut self, cluster: &Cluster, results: AppendResults) -> Answers {
+        let InFlight {
+            batch,
+            req,
+            first,
+            last,
+            ..
+        } = self
+            .batches
+            .pop_front()
+            .expect("finishing an empty pipeline");
+        let min_insync = cluster.config.min_insync as usize;
+        let n = req.records.len();
+        let mut acked: Vec<(NodeId, Vec<Outcome>)> = Vec::new();
+        let mut failed: Vec<NodeId> = Vec::new();
+        for (id, result) in results {
+            match result {
+                Ok(outcomes) if outcomes.len() == n => acked.push((id, outcomes)),
+                Ok(outcomes) => {
+                    warn!(node = %id, expected = n, got = outcomes.len(), "append answered the wrong number of outcomes");
+                    failed.push(id);
+                }
+                Err(e) => {
+                    warn!(node = %id, error = %e, first = %first, last = %last, "append failed");
+                    failed.push(id);
+                }
+            }
+        }
+        if !failed.is_empty() {
+            let why = format!("append of seq {first}..={last} failed");
+            let change = cluster.m().remove_from_isr(&failed, &why);
+            let recovering = change == IsrChange::RecoveryNeeded;
+            cluster.after_isr_change(change, &why).await;
+            if recovering || !cluster.m().serving() {
+                self.abandon(&format!(
+                    "the batch before it (seq {first}..={last}) failed"
+                ));
+                return answer_all(
+                    batch,
+                    KvError::Timeout(format!("replication of seq {first}..={last} failed")),
+                );
+            }
+        }
+        // Only members of the ISR as it is now count: a member that left it while an
+        // earlier batch failed may still acknowledge this one.
+        {
+            let m = cluster.m();
+            acked.retain(|(id, _)| m.state.isr.contains(id));
+        }
+        if acked.len() < min_insync {
+            cluster.m().start_recovery(format!(
+                "only {} in-sync node(s) acknowledged seq {first}..={last}",
+                acked.len()
+            ));
+            self.abandon(&format!(
+                "the batch before it (seq {first}..={last}) failed"
+            ));
             return answer_all(
                 batch,
-                KvError::Timeout(format!("replication of seq {first}..={last} failed")),
+                KvError::Timeout(format!(
+                    "fewer than min_insync = {min_insync} nodes acknowledged"
+                )),
+            );
+        }
+        {
+            let mut m = cluster.m();
+            m.next_seq = last.next();
+            for (id, _) in &acked {
+                if let Some(node) = m.node_mut(id) {
+                    node.applied = node.applied.max(last);
+                }
+            }
+        }
+        assert!(
+            cluster.commit() < last,
+            "commit index must only grow: {} -> {last}",
+            cluster.commit()
+        );
+        let outcomes = &acked[0].1;
+        // Published before the commit index moves, so a watcher woken by it finds the changes.
+        cluster.changes.publish(
+            first,
+            last,
+            crate::watch::changes_of(&req.records, outcomes),
+        );
+        cluster.commit_tx.send_replace(last);
+        debug!(first = %first, last = %last, "batch committed");
+        Answers(
+            batch
+                .into_iter()
+                .zip(outcomes)
+                .map(|(job, outcome)| (job.reply, outcome_result(outcome)))
+                .collect(),
+        )
+    }
+
+    /// Answers every batch in flight `Timeout` (its records may survive on a node;
+    /// recovery decides) and stops waiting for their appends.
+    fn abandon(&mut self, why: &str) {
+        for b in self.batches.drain(..) {
+            answer_all(
+                b.batch,
+                KvError::Timeout(format!(
+                    "replication of seq {}..={} abandoned: {why}",
+                    b.first, b.last
+                )),
             );
         }
     }
-    if acked.len() < min_insync {
-        cluster.m().start_recovery(format!(
-            "only {} in-sync node(s) acknowledged seq {first}..={last}",
-            acked.len()
-        ));
-        return answer_all(
-            batch,
-            KvError::Timeout(format!(
-                "fewer than min_insync = {min_insync} nodes acknowledged"
-            )),
-        );
-    }
-    {
-        let mut m = cluster.m();
-        m.next_seq = last.next();
-        for (id, _) in &acked {
-            if let Some(node) = m.node_mut(id) {
-                node.applied = node.applied.max(last);
-            }
-        }
-    }
-    assert!(
-        cluster.commit() < last,
-        "commit index must only grow: {} -> {last}",
-        cluster.commit()
-    );
-    let outcomes = &acked[0].1;
-    // Published before the commit index moves, so a watcher woken by it finds the changes.
-    cluster.changes.publish(
-        first,
-        last,
-        crate::watch::changes_of(&req.records, outcomes),
-    );
-    cluster.commit_tx.send_replace(last);
-    debug!(first = %first, last = %last, "batch committed");
-    Answers(
-        batch
-            .into_iter()
-            .zip(outcomes)
-            .map(|(job, outcome)| (job.reply, outcome_result(outcome)))
-            .collect(),
-    )
 }
 
 #[cfg(test)]
@@ -322,6 +494,23 @@ mod tests {
         assert!(recs.iter().all(|r| r.epoch == Epoch(3)));
         assert_eq!(recs[1].client, "b");
         assert_eq!(recs[1].op_no, 7);
+    }
+
+    #[test]
+    fn a_batch_starts_below_the_depth_unless_an_isr_change_waits() {
+        assert!(may_start(0, 1, false));
+        assert!(
+            may_start(0, 2, true),
+            "an empty pipeline takes the gate in turn"
+        );
+        assert!(!may_start(1, 1, false), "depth 1: one batch at a time");
+        assert!(may_start(1, 2, false));
+        assert!(
+            !may_start(1, 2, true),
+            "a waiting ISR change drains the pipeline"
+        );
+        assert!(!may_start(2, 2, false));
+        assert!(may_start(3, 4, false));
     }
 
     #[test]

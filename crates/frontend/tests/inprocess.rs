@@ -131,6 +131,9 @@ struct Fake {
     hold_from: Arc<watch::Sender<u64>>,
     /// Appends waiting on `hold_from` right now.
     appends_held: Arc<watch::Sender<usize>>,
+    /// The last seq `append` wrote: an append that overtook the one before it waits (at
+    /// most `WAIT`) until the log reaches it, as on a real node.
+    appended: Arc<watch::Sender<u64>>,
 }
 
 /// Most keys the fake answers per `read_many` (a real node stops at a byte budget), so the
@@ -215,7 +218,14 @@ impl Storage for Fake {
                 self.appends_held.send_modify(|n| *n += 1);
                 let _ = hold.wait_for(|from| first < *from).await;
                 self.appends_held.send_modify(|n| *n -= 1);
+                // A node can fail while an append waits for its fsync.
+                self.check(&token)?;
             }
+            let mut appended = self.appended.subscribe();
+            let before = first.saturating_sub(1);
+            // Woken by appends; truncations and snapshots only matter when already done.
+            let arrived = appended.wait_for(|_| self.data.lock().unwrap().pos().seq.0 >= before);
+            let _ = tokio::time::timeout(WAIT, arrived).await;
         }
         let mut d = self.data.lock().unwrap();
         self.land_queued(&mut d);
@@ -241,6 +251,10 @@ impl Storage for Fake {
             outs.push(st.apply(&r));
             d.log.push(r);
         }
+        let end = d.pos().seq.0;
+        // Not under the data lock: a waiting append reads the data while it checks.
+        drop(d);
+        self.appended.send_replace(end);
         Ok(outs)
     }
     async fn read(
@@ -462,7 +476,10 @@ async fn start_fake(name: &str, registry: String, data: Arc<Mutex<Data>>) -> Fak
         read_many_calls: Arc::default(),
         hold_from: Arc::new(watch::Sender::new(u64::MAX)),
         appends_held: Arc::new(watch::Sender::new(0)),
+        appended: Arc::new(watch::Sender::new(0)),
     };
+    let end = fake.data.lock().unwrap().pos().seq.0;
+    fake.appended.send_replace(end);
     let server = fake.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
@@ -1110,15 +1127,52 @@ async fn recovery_counts_an_append_still_queued_on_a_node() {
 /// A committed batch is answered while the next batch's appends are still on the nodes:
 /// the sequencer sends a batch's answers once it has started the next batch, never after
 /// that batch's fsyncs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_committed_write_is_answered_while_the_next_batch_is_on_the_nodes() {
-    let dir = tempfile::tempdir().unwrap();
+/// Appends from `seq` on wait on every fake in `fakes` (`u64::MAX`: none do).
+fn hold_from(fakes: &[&Fake], seq: u64) {
+    for f in fakes {
+        f.hold_from.send_replace(seq);
+    }
+}
+
+/// Waits until exactly `n` appends are held on every fake in `fakes`.
+async fn wait_held(fakes: &[&Fake], n: usize, what: &str) {
+    for f in fakes {
+        let mut held = f.appends_held.subscribe();
+        tokio::time::timeout(WAIT, held.wait_for(|held| *held == n))
+            .await
+            .unwrap_or_else(|_| panic!("{what} never reached node {}", f.id.0))
+            .unwrap();
+    }
+}
+
+/// Starts a put and returns once the frontend has queued it: polled once here, its request
+/// is on the connection before the `status` request; a request on the same connection
+/// answered after it was read means its handler has run, and a write's handler queues the
+/// write at once.
+async fn queued_put(
+    fe: &Arc<Frontend>,
+    client: &'static str,
+    key: &'static str,
+) -> tokio::task::JoinHandle<Result<WriteResult, KvError>> {
+    let mut put = Box::pin({
+        let fe = fe.clone();
+        async move { fe.put(client, 1, key, "v").await }
+    });
+    assert!(futures::poll!(put.as_mut()).is_pending());
+    let put = tokio::spawn(put);
+    fe.status().await;
+    put
+}
+
+/// A frontend whose requests and appends do not time out within a test, with two fakes in
+/// sync and one write committed; returns the write's version.
+async fn patient_cluster(dir: &std::path::Path) -> (Arc<Frontend>, Fake, Fake, Seq) {
     let fe = Arc::new(
         start_frontend(Config {
             rpc_timeout_ms: 10_000,
             request_timeout_ms: 20_000,
             failure_timeout_ms: 10_000,
-            ..config(dir.path())
+            ..config(dir)
         })
         .await,
     );
@@ -1126,42 +1180,35 @@ async fn a_committed_write_is_answered_while_the_next_batch_is_on_the_nodes() {
     let b = start_fake("b", fe.registry.clone(), Default::default()).await;
     fe.wait_in_sync(2).await;
     let v0 = fe.put("c0", 1, "k0", "v").await.unwrap().version;
+    (fe, a, b, v0)
+}
+
+/// Awaits a put started with [`queued_put`] or spawned, bounded by `WAIT`.
+async fn answer(
+    put: tokio::task::JoinHandle<Result<WriteResult, KvError>>,
+) -> Result<WriteResult, KvError> {
+    tokio::time::timeout(WAIT, put).await.unwrap().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_write_is_answered_while_the_next_batch_is_on_the_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fe, a, b, v0) = patient_cluster(dir.path()).await;
     let fakes = [&a, &b];
-    let hold_from = |seq: u64| {
-        for f in fakes {
-            f.hold_from.send_replace(seq);
-        }
-    };
-    let wait_held = |what: &'static str| async move {
-        for f in fakes {
-            let mut held = f.appends_held.subscribe();
-            tokio::time::timeout(WAIT, held.wait_for(|n| *n == 1))
-                .await
-                .unwrap_or_else(|_| panic!("{what} never reached node {}", f.id.0))
-                .unwrap();
-        }
-    };
 
     // x's append (the next seq) waits on both nodes.
-    hold_from(v0.0 + 1);
+    hold_from(&fakes, v0.0 + 1);
     let x = tokio::spawn({
         let fe = fe.clone();
         async move { fe.put("cx", 1, "kx", "x").await }
     });
-    wait_held("x's append").await;
-    // y is queued behind it: polled once here, y's request is on the connection before
-    // the `status` request; a request on the same connection answered after y's was read
-    // means y's handler has run, and a write's handler queues it at once.
-    let mut y = Box::pin({
-        let fe = fe.clone();
-        async move { fe.put("cy", 1, "ky", "y").await }
-    });
-    assert!(futures::poll!(y.as_mut()).is_pending());
-    let y = tokio::spawn(y);
-    fe.status().await;
+    wait_held(&fakes, 1, "x's append").await;
+    // y is queued behind it, and its append joins x's on the nodes.
+    let y = queued_put(&fe, "cy", "ky").await;
+    wait_held(&fakes, 2, "y's append").await;
 
     // x's batch commits; y's batch, the next one, stays on the nodes.
-    hold_from(v0.0 + 2);
+    hold_from(&fakes, v0.0 + 2);
     // Shorter than the request's own 10 s deadline, so a held answer fails here.
     let x = tokio::time::timeout(Duration::from_secs(5), x)
         .await
@@ -1169,18 +1216,100 @@ async fn a_committed_write_is_answered_while_the_next_batch_is_on_the_nodes() {
         .unwrap()
         .unwrap();
     assert_eq!(x.version, Seq(v0.0 + 1));
-    wait_held("y's append").await;
+    wait_held(&fakes, 1, "y's append").await;
     assert!(
         !y.is_finished(),
         "y cannot be answered before its append is written"
     );
 
-    hold_from(u64::MAX);
-    let y = tokio::time::timeout(WAIT, y)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(y.version, Seq(v0.0 + 2));
+    hold_from(&fakes, u64::MAX);
+    assert_eq!(answer(y).await.unwrap().version, Seq(v0.0 + 2));
+    Arc::try_unwrap(fe).ok().unwrap().stop().await;
+}
+
+/// `pipeline_depth` (2 by default): the next batch goes to the nodes while the one before
+/// it waits for its fsyncs, and the two commit in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_batch_is_replicated_before_the_one_before_it_is_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fe, a, b, v0) = patient_cluster(dir.path()).await;
+    let fakes = [&a, &b];
+    hold_from(&fakes, v0.0 + 1);
+    let x = queued_put(&fe, "cx", "kx").await;
+    wait_held(&fakes, 1, "x's append").await;
+    let y = queued_put(&fe, "cy", "ky").await;
+    wait_held(&fakes, 2, "y's append, while x's is not acknowledged,").await;
+    assert!(!x.is_finished() && !y.is_finished());
+
+    // Released together, in seq order on each node.
+    hold_from(&fakes, u64::MAX);
+    assert_eq!(answer(x).await.unwrap().version, Seq(v0.0 + 1));
+    assert_eq!(answer(y).await.unwrap().version, Seq(v0.0 + 2));
+    for f in fakes {
+        assert_eq!(f.contents().0.seq, Seq(v0.0 + 2), "node {}", f.id.0);
+    }
+    Arc::try_unwrap(fe).ok().unwrap().stop().await;
+}
+
+/// A batch that every member failed takes the batch behind it down with it: both are
+/// answered `Timeout` (never acknowledged), recovery runs, and the seqs are used again in
+/// the next epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batch_behind_a_failed_batch_is_answered_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fe, a, b, v0) = patient_cluster(dir.path()).await;
+    let fakes = [&a, &b];
+    let epoch = fe.status().await.epoch;
+    hold_from(&fakes, v0.0 + 1);
+    let x = queued_put(&fe, "cx", "kx").await;
+    wait_held(&fakes, 1, "x's append").await;
+    let y = queued_put(&fe, "cy", "ky").await;
+    wait_held(&fakes, 2, "y's append").await;
+
+    for f in fakes {
+        f.failing.store(true, Ordering::SeqCst);
+    }
+    hold_from(&fakes, u64::MAX);
+    let (x, y) = (answer(x).await, answer(y).await);
+    assert!(matches!(x, Err(KvError::Timeout(_))), "x: {x:?}");
+    assert!(matches!(y, Err(KvError::Timeout(_))), "y: {y:?}");
+
+    for f in fakes {
+        f.failing.store(false, Ordering::SeqCst);
+    }
+    let st = fe.wait_in_sync(2).await;
+    assert!(st.epoch > epoch, "recovery bumped the epoch");
+    let z = fe.put_retrying("cz", 1, "kz", "z").await;
+    assert_eq!(z.version, Seq(v0.0 + 1), "x and y were never written");
+    assert!(matches!(fe.get("ky").await, Err(KvError::NotFound)));
+    Arc::try_unwrap(fe).ok().unwrap().stop().await;
+}
+
+/// A member that fails a batch leaves the in-sync set; the batch behind it commits on the
+/// members left, whatever the failed member answers to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batch_behind_goes_on_after_a_member_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fe, a, b, v0) = patient_cluster(dir.path()).await;
+    let fakes = [&a, &b];
+    hold_from(&fakes, v0.0 + 1);
+    let x = queued_put(&fe, "cx", "kx").await;
+    wait_held(&fakes, 1, "x's append").await;
+    let y = queued_put(&fe, "cy", "ky").await;
+    wait_held(&fakes, 2, "y's append").await;
+
+    a.failing.store(true, Ordering::SeqCst);
+    hold_from(&fakes, u64::MAX);
+    assert_eq!(answer(x).await.unwrap().version, Seq(v0.0 + 1));
+    assert_eq!(answer(y).await.unwrap().version, Seq(v0.0 + 2));
+    let st = fe.status().await;
+    let role = |id: &str| st.nodes.iter().find(|n| n.id.0 == id).map(|n| n.role);
+    assert_ne!(role("a"), Some(NodeRole::InSync), "a failed both appends");
+    assert_eq!(role("b"), Some(NodeRole::InSync));
+    assert_eq!(b.contents().0.seq, Seq(v0.0 + 2));
+
+    a.failing.store(false, Ordering::SeqCst);
+    fe.wait_in_sync(2).await;
+    assert_eq!(a.contents().0.seq, Seq(v0.0 + 2), "a caught up");
     Arc::try_unwrap(fe).ok().unwrap().stop().await;
 }
