@@ -1149,11 +1149,7 @@ async fn wait_held(fakes: &[&Fake], n: usize, what: &str) {
 /// is on the connection before the `status` request; a request on the same connection
 /// answered after it was read means its handler has run, and a write's handler queues the
 /// write at once.
-async fn queued_put(
-    fe: &Arc<Frontend>,
-    client: &'static str,
-    key: &'static str,
-) -> tokio::task::JoinHandle<Result<WriteResult, KvError>> {
+async fn queued_put(fe: &Arc<Frontend>, client: &'static str, key: &'static str) -> Put {
     let mut put = Box::pin({
         let fe = fe.clone();
         async move { fe.put(client, 1, key, "v").await }
@@ -1183,10 +1179,22 @@ async fn patient_cluster(dir: &std::path::Path) -> (Arc<Frontend>, Fake, Fake, S
     (fe, a, b, v0)
 }
 
+/// Puts x (seq `v0 + 1`) and then y (`v0 + 2`), each in its own batch, and returns once
+/// both appends wait on every fake: y's batch went out before x's was acknowledged.
+async fn two_batches_held(fe: &Arc<Frontend>, fakes: &[&Fake], v0: Seq) -> (Put, Put) {
+    hold_from(fakes, v0.0 + 1);
+    let x = queued_put(fe, "cx", "kx").await;
+    wait_held(fakes, 1, "x's append").await;
+    let y = queued_put(fe, "cy", "ky").await;
+    wait_held(fakes, 2, "y's append, while x's is not acknowledged,").await;
+    (x, y)
+}
+
+/// A put running in its own task.
+type Put = tokio::task::JoinHandle<Result<WriteResult, KvError>>;
+
 /// Awaits a put started with [`queued_put`] or spawned, bounded by `WAIT`.
-async fn answer(
-    put: tokio::task::JoinHandle<Result<WriteResult, KvError>>,
-) -> Result<WriteResult, KvError> {
+async fn answer(put: Put) -> Result<WriteResult, KvError> {
     tokio::time::timeout(WAIT, put).await.unwrap().unwrap()
 }
 
@@ -1234,11 +1242,7 @@ async fn the_next_batch_is_replicated_before_the_one_before_it_is_acknowledged()
     let dir = tempfile::tempdir().unwrap();
     let (fe, a, b, v0) = patient_cluster(dir.path()).await;
     let fakes = [&a, &b];
-    hold_from(&fakes, v0.0 + 1);
-    let x = queued_put(&fe, "cx", "kx").await;
-    wait_held(&fakes, 1, "x's append").await;
-    let y = queued_put(&fe, "cy", "ky").await;
-    wait_held(&fakes, 2, "y's append, while x's is not acknowledged,").await;
+    let (x, y) = two_batches_held(&fe, &fakes, v0).await;
     assert!(!x.is_finished() && !y.is_finished());
 
     // Released together, in seq order on each node.
@@ -1260,11 +1264,7 @@ async fn the_batch_behind_a_failed_batch_is_answered_timeout() {
     let (fe, a, b, v0) = patient_cluster(dir.path()).await;
     let fakes = [&a, &b];
     let epoch = fe.status().await.epoch;
-    hold_from(&fakes, v0.0 + 1);
-    let x = queued_put(&fe, "cx", "kx").await;
-    wait_held(&fakes, 1, "x's append").await;
-    let y = queued_put(&fe, "cy", "ky").await;
-    wait_held(&fakes, 2, "y's append").await;
+    let (x, y) = two_batches_held(&fe, &fakes, v0).await;
 
     for f in fakes {
         f.failing.store(true, Ordering::SeqCst);
@@ -1292,11 +1292,7 @@ async fn the_batch_behind_goes_on_after_a_member_leaves() {
     let dir = tempfile::tempdir().unwrap();
     let (fe, a, b, v0) = patient_cluster(dir.path()).await;
     let fakes = [&a, &b];
-    hold_from(&fakes, v0.0 + 1);
-    let x = queued_put(&fe, "cx", "kx").await;
-    wait_held(&fakes, 1, "x's append").await;
-    let y = queued_put(&fe, "cy", "ky").await;
-    wait_held(&fakes, 2, "y's append").await;
+    let (x, y) = two_batches_held(&fe, &fakes, v0).await;
 
     a.failing.store(true, Ordering::SeqCst);
     hold_from(&fakes, u64::MAX);
