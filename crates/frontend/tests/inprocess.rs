@@ -131,6 +131,9 @@ struct Fake {
     hold_from: Arc<watch::Sender<u64>>,
     /// Appends waiting on `hold_from` right now.
     appends_held: Arc<watch::Sender<usize>>,
+    /// The append whose first seq is this is written, but answered `Unavailable` (its
+    /// answer lost on the way back); `u64::MAX`: none.
+    lose_answer_of: Arc<std::sync::atomic::AtomicU64>,
     /// The last seq `append` wrote: an append that overtook the one before it waits (at
     /// most `WAIT`) until the log reaches it, as on a real node.
     appended: Arc<watch::Sender<u64>>,
@@ -236,6 +239,8 @@ impl Storage for Fake {
                 "append queued behind a slow write (deadline passed)".into(),
             ));
         }
+        let lose_answer = req.records.first().map(|r| r.seq.0)
+            == Some(self.lose_answer_of.load(Ordering::SeqCst));
         let mut st = d.state();
         let mut outs = Vec::new();
         for r in req.records.into_vec() {
@@ -255,6 +260,9 @@ impl Storage for Fake {
         // Not under the data lock: a waiting append reads the data while it checks.
         drop(d);
         self.appended.send_replace(end);
+        if lose_answer {
+            return Err(KvError::Unavailable("answer lost".into()));
+        }
         Ok(outs)
     }
     async fn read(
@@ -477,6 +485,7 @@ async fn start_fake(name: &str, registry: String, data: Arc<Mutex<Data>>) -> Fak
         hold_from: Arc::new(watch::Sender::new(u64::MAX)),
         appends_held: Arc::new(watch::Sender::new(0)),
         appended: Arc::new(watch::Sender::new(0)),
+        lose_answer_of: Arc::new(u64::MAX.into()),
     };
     let end = fake.data.lock().unwrap().pos().seq.0;
     fake.appended.send_replace(end);
@@ -1282,6 +1291,65 @@ async fn the_batch_behind_a_failed_batch_is_answered_timeout() {
     let z = fe.put_retrying("cz", 1, "kz", "z").await;
     assert_eq!(z.version, Seq(v0.0 + 1), "x and y were never written");
     assert!(matches!(fe.get("ky").await, Err(KvError::NotFound)));
+    Arc::try_unwrap(fe).ok().unwrap().stop().await;
+}
+
+/// Every member wrote x but its answers were lost, so x's outcome is unknown and recovery
+/// is needed; y, behind it, was written and acknowledged everywhere, yet must not be
+/// acknowledged to its client before recovery has settled x: it is answered `Timeout`
+/// too. Recovery then keeps both (they are on every node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batch_behind_an_unknown_batch_is_not_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fe, a, b, v0) = patient_cluster(dir.path()).await;
+    let fakes = [&a, &b];
+    let epoch = fe.status().await.epoch;
+    let (x, y) = two_batches_held(&fe, &fakes, v0).await;
+    for f in fakes {
+        f.lose_answer_of.store(v0.0 + 1, Ordering::SeqCst);
+    }
+    hold_from(&fakes, u64::MAX);
+    let (x, y) = (answer(x).await, answer(y).await);
+    assert!(matches!(x, Err(KvError::Timeout(_))), "x: {x:?}");
+    assert!(matches!(y, Err(KvError::Timeout(_))), "y: {y:?}");
+
+    let st = fe.wait_in_sync(2).await;
+    assert!(st.epoch > epoch, "recovery bumped the epoch");
+    assert_eq!(st.commit_seq, Seq(v0.0 + 2), "both were on every node");
+    assert_eq!(fe.get("ky").await.unwrap().version, Seq(v0.0 + 2));
+    Arc::try_unwrap(fe).ok().unwrap().stop().await;
+}
+
+/// With three members and `min_insync = 2`: a leaves the in-sync set over x (answer lost)
+/// and c over y, so y is acknowledged by a and b but only b is still in the set. An ack
+/// from a former member does not count: y is answered `Timeout`, not acknowledged with
+/// one in-sync copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_from_a_node_that_left_the_in_sync_set_does_not_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let fe = Arc::new(
+        start_frontend(Config {
+            rpc_timeout_ms: 10_000,
+            request_timeout_ms: 20_000,
+            failure_timeout_ms: 10_000,
+            min_insync: 2,
+            ..config(dir.path())
+        })
+        .await,
+    );
+    let a = start_fake("a", fe.registry.clone(), Default::default()).await;
+    let b = start_fake("b", fe.registry.clone(), Default::default()).await;
+    let c = start_fake("c", fe.registry.clone(), Default::default()).await;
+    fe.wait_in_sync(3).await;
+    let v0 = fe.put("c0", 1, "k0", "v").await.unwrap().version;
+    let fakes = [&a, &b, &c];
+    let (x, y) = two_batches_held(&fe, &fakes, v0).await;
+    a.lose_answer_of.store(v0.0 + 1, Ordering::SeqCst);
+    c.lose_answer_of.store(v0.0 + 2, Ordering::SeqCst);
+    hold_from(&fakes, u64::MAX);
+    assert_eq!(answer(x).await.unwrap().version, Seq(v0.0 + 1), "b and c");
+    let y = answer(y).await;
+    assert!(matches!(y, Err(KvError::Timeout(_))), "y: {y:?}");
     Arc::try_unwrap(fe).ok().unwrap().stop().await;
 }
 

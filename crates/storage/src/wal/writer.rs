@@ -295,7 +295,9 @@ impl WalWriter {
         mut records: Vec<Record>,
         wait: std::time::Duration,
     ) -> Result<Vec<Outcome>, KvError> {
-        let give_up = tokio::time::Instant::now() + wait;
+        // The wait starts at the first `Early`: time spent queued behind a slow fsync is
+        // not the predecessor's fault.
+        let mut give_up = None;
         let mut applied = self.state.applied.subscribe();
         loop {
             let answer = self
@@ -309,6 +311,7 @@ impl WalWriter {
             };
             // `Early` means the log ends before the first record's predecessor.
             let before = Seq(back[0].seq.0 - 1);
+            let give_up = *give_up.get_or_insert_with(|| tokio::time::Instant::now() + wait);
             let arrived = tokio::time::timeout_at(give_up, applied.wait_for(|s| *s >= before));
             match arrived.await {
                 Ok(Ok(_)) => records = back,
@@ -1024,6 +1027,36 @@ mod tests {
         assert_eq!(lonely, Err(KvError::Gap { expected: Seq(5) }));
         assert!(started.elapsed() >= Duration::from_millis(50));
         assert_eq!(state.store().pos().seq, Seq(4), "nothing of it was written");
+        w.close().await;
+        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+    }
+
+    /// An append waiting for the one before it while the node is fenced at a newer epoch,
+    /// and that epoch's records fill the gap: resubmitted, it is refused as `Fenced`,
+    /// never written after them.
+    #[tokio::test]
+    async fn an_overtaking_append_fenced_while_it_waits_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, w, t) = open(dir.path(), 1_000_000);
+        let wait = Duration::from_secs(10);
+        let mut old = Box::pin(w.append_in_order(
+            Epoch(1),
+            Seq(0),
+            vec![put(3, "c", "old"), put(4, "d", "old")],
+            wait,
+        ));
+        assert!(futures::poll!(old.as_mut()).is_pending());
+        w.truncate(Epoch(2), Seq(0)).await.unwrap();
+        let newer: Vec<Record> = (1..=2)
+            .map(|i| Record {
+                epoch: Epoch(2),
+                ..put(i, &format!("n{i}"), "new")
+            })
+            .collect();
+        w.append(Epoch(2), Seq(0), newer).await.unwrap();
+        assert_eq!(old.await, Err(KvError::Fenced { seen: 2 }));
+        assert_eq!(state.store().pos().seq, Seq(2));
+        assert_eq!(state.store().get("c").0, None);
         w.close().await;
         tokio::task::spawn_blocking(move || t.join()).await.unwrap();
     }
