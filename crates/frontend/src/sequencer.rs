@@ -29,6 +29,7 @@
 
 use crate::cluster::{Cluster, GateGuard};
 use crate::isr::IsrChange;
+use futures::stream::{FuturesOrdered, StreamExt};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -146,10 +147,9 @@ pub async fn run(
         // Wait for the oldest batch, or for a write to start another batch beside it.
         held.send();
         let room = queue_open && carried.is_none() && pipeline.has_room(&cluster, depth);
-        let oldest = pipeline.oldest();
         let results = tokio::select! {
             biased;
-            results = &mut oldest.results => results,
+            results = pipeline.results.next() => results.expect("one future per batch in flight"),
             job = rx.recv(), if room => {
                 match job {
                     Some(job) => carried = Some(job),
@@ -162,8 +162,7 @@ pub async fn run(
     }
     held.send();
     // Batches in flight get their real answers (each append is bounded by the RPC timeout).
-    while !pipeline.is_empty() {
-        let results = (&mut pipeline.oldest().results).await;
+    while let Some(results) = pipeline.results.next().await {
         pipeline.finish_oldest(&cluster, results).await.send();
     }
     if let Some(job) = carried {
@@ -242,13 +241,15 @@ fn answer_all(batch: Vec<WriteJob>, err: KvError) -> Answers {
 /// What every target answered to one batch's append.
 type AppendResults = Vec<(NodeId, Result<Vec<Outcome>, KvError>)>;
 
+/// One batch's appends to every target, answering when the last has answered.
+type Appends<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = AppendResults> + Send + 'a>>;
+
 /// A batch whose appends are on their way to the nodes.
-struct InFlight<'a> {
+struct InFlight {
     batch: Vec<WriteJob>,
     req: AppendRequest,
     first: Seq,
     last: Seq,
-    results: std::pin::Pin<Box<dyn std::future::Future<Output = AppendResults> + Send + 'a>>,
 }
 
 /// The batches in flight, oldest first, and the write gate while there are any.
@@ -260,10 +261,16 @@ struct InFlight<'a> {
 /// `append`). Batches commit strictly in order: a batch is acknowledged only once every
 /// batch before it committed, and when one fails in a way that needs recovery, every batch
 /// behind it is answered `Timeout` (outcome unknown) and the pipeline is emptied.
+///
+/// Every batch's appends are polled while it is in flight (not only the oldest's), so an
+/// append that could not be handed to its connection at once (a node being connected to)
+/// goes out as soon as it can.
 #[derive(Default)]
 struct Pipeline<'a> {
     gate: Option<GateGuard<'a>>,
-    batches: VecDeque<InFlight<'a>>,
+    batches: VecDeque<InFlight>,
+    /// The batches' appends, in the same order as `batches`.
+    results: FuturesOrdered<Appends<'a>>,
 }
 
 impl<'a> Pipeline<'a> {
@@ -274,12 +281,6 @@ impl<'a> Pipeline<'a> {
     /// Whether another batch may start now (see [`may_start`]).
     fn has_room(&self, cluster: &Cluster, depth: usize) -> bool {
         may_start(self.batches.len(), depth, cluster.gate.contended())
-    }
-
-    fn oldest(&mut self) -> &mut InFlight<'a> {
-        self.batches
-            .front_mut()
-            .expect("waiting on an empty pipeline")
     }
 
     /// Starts replicating `batch`: takes the gate if needed, assigns seqs after the last
@@ -330,9 +331,7 @@ impl<'a> Pipeline<'a> {
                 (id, result)
             }
         });
-        let mut results: std::pin::Pin<
-            Box<dyn std::future::Future<Output = AppendResults> + Send>,
-        > = Box::pin(futures::future::join_all(calls));
+        let mut results: Appends<'a> = Box::pin(futures::future::join_all(calls));
         // One poll usually hands every append to its connection's dispatch task (not when
         // a node must be connected to first, or its dispatch queue is full); the previous
         // batch's clients are woken right after it, and only then.
@@ -345,8 +344,8 @@ impl<'a> Pipeline<'a> {
             req,
             first,
             last,
-            results,
         });
+        self.results.push_back(results);
         crate::metrics::METRICS.batch_started(n, self.batches.len());
     }
 
@@ -452,6 +451,7 @@ impl<'a> Pipeline<'a> {
     /// Answers every batch in flight `Timeout` (its records may survive on a node;
     /// recovery decides) and stops waiting for their appends.
     fn abandon(&mut self, why: &str) {
+        self.results = FuturesOrdered::new();
         for b in self.batches.drain(..) {
             answer_all(
                 b.batch,
