@@ -1199,6 +1199,15 @@ async fn two_batches_held(fe: &Arc<Frontend>, fakes: &[&Fake], v0: Seq) -> (Put,
     (x, y)
 }
 
+/// Releases every held append; x and y must both be answered `Timeout`.
+async fn release_expecting_timeouts(fakes: &[&Fake], x: Put, y: Put) {
+    hold_from(fakes, u64::MAX);
+    for (name, put) in [("x", x), ("y", y)] {
+        let r = answer(put).await;
+        assert!(matches!(r, Err(KvError::Timeout(_))), "{name}: {r:?}");
+    }
+}
+
 /// A put running in its own task.
 type Put = tokio::task::JoinHandle<Result<WriteResult, KvError>>;
 
@@ -1278,10 +1287,7 @@ async fn the_batch_behind_a_failed_batch_is_answered_timeout() {
     for f in fakes {
         f.failing.store(true, Ordering::SeqCst);
     }
-    hold_from(&fakes, u64::MAX);
-    let (x, y) = (answer(x).await, answer(y).await);
-    assert!(matches!(x, Err(KvError::Timeout(_))), "x: {x:?}");
-    assert!(matches!(y, Err(KvError::Timeout(_))), "y: {y:?}");
+    release_expecting_timeouts(&fakes, x, y).await;
 
     for f in fakes {
         f.failing.store(false, Ordering::SeqCst);
@@ -1308,10 +1314,7 @@ async fn the_batch_behind_an_unknown_batch_is_not_acknowledged() {
     for f in fakes {
         f.lose_answer_of.store(v0.0 + 1, Ordering::SeqCst);
     }
-    hold_from(&fakes, u64::MAX);
-    let (x, y) = (answer(x).await, answer(y).await);
-    assert!(matches!(x, Err(KvError::Timeout(_))), "x: {x:?}");
-    assert!(matches!(y, Err(KvError::Timeout(_))), "y: {y:?}");
+    release_expecting_timeouts(&fakes, x, y).await;
 
     let st = fe.wait_in_sync(2).await;
     assert!(st.epoch > epoch, "recovery bumped the epoch");
