@@ -358,7 +358,6 @@ impl<'a> Pipeline<'a> {
             req,
             first,
             last,
-            ..
         } = self
             .batches
             .pop_front()
@@ -386,9 +385,7 @@ impl<'a> Pipeline<'a> {
             let recovering = change == IsrChange::RecoveryNeeded;
             cluster.after_isr_change(change, &why).await;
             if recovering || !cluster.m().serving() {
-                self.abandon(&format!(
-                    "the batch before it (seq {first}..={last}) failed"
-                ));
+                self.abandon_behind(first, last);
                 return answer_all(
                     batch,
                     KvError::Timeout(format!("replication of seq {first}..={last} failed")),
@@ -406,9 +403,7 @@ impl<'a> Pipeline<'a> {
                 "only {} in-sync node(s) acknowledged seq {first}..={last}",
                 acked.len()
             ));
-            self.abandon(&format!(
-                "the batch before it (seq {first}..={last}) failed"
-            ));
+            self.abandon_behind(first, last);
             return answer_all(
                 batch,
                 KvError::Timeout(format!(
@@ -448,15 +443,16 @@ impl<'a> Pipeline<'a> {
         )
     }
 
-    /// Answers every batch in flight `Timeout` (its records may survive on a node;
-    /// recovery decides) and stops waiting for their appends.
-    fn abandon(&mut self, why: &str) {
+    /// Answers every batch still in flight (all behind the failed batch `first..=last`)
+    /// `Timeout`: its records may survive on a node, recovery decides. Stops waiting for
+    /// their appends.
+    fn abandon_behind(&mut self, first: Seq, last: Seq) {
         self.results = FuturesOrdered::new();
         for b in self.batches.drain(..) {
             answer_all(
                 b.batch,
                 KvError::Timeout(format!(
-                    "replication of seq {}..={} abandoned: {why}",
+                    "replication of seq {}..={} abandoned: the batch before it (seq {first}..={last}) failed",
                     b.first, b.last
                 )),
             );
