@@ -65,3 +65,79 @@ async fn bench_json_report_has_the_fields_and_no_errors() {
     let digest = cluster.wait_converged().await;
     assert_eq!(digest.keys, 50);
 }
+
+/// Threads named `idle-poll` in process `pid`, with their scheduling policy (field 41 of
+/// `/proc/PID/task/TID/stat`).
+fn idle_pollers(pid: u32) -> Vec<u32> {
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("read the task list") {
+        let dir = task.expect("task entry").path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != "idle-poll" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        let after_comm = &stat[stat.rfind(')').expect("stat has a comm") + 2..];
+        let policy = after_comm.split(' ').nth(41 - 3).expect("policy field");
+        policies.push(policy.parse().expect("numeric policy"));
+    }
+    policies
+}
+
+/// CPUs process `pid` may run on (`Cpus_allowed_list`, such as `0-1` or `0,2-3`).
+fn allowed_cpus(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list in status")
+        .trim();
+    list.split(',')
+        .map(|range| match range.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+/// `idle_poll_us` in the frontend's and the storage nodes' configs starts one poller per
+/// CPU in each of them, every one `SCHED_IDLE` (so it can never take a CPU from real work),
+/// and the cluster serves writes as usual; without the key no process has pollers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_polling_runs_sched_idle_pollers_in_every_server_that_asks_for_it() {
+    const SCHED_IDLE: u32 = 5;
+    let polling = TestCluster::start(ClusterOptions {
+        frontend_extra: "idle_poll_us = 500\n".into(),
+        storage_extra: "idle_poll_us = 500\n".into(),
+        ..ClusterOptions::default()
+    })
+    .await;
+    let mut pids = vec![("frontend".to_string(), polling.frontend.pid())];
+    pids.extend(
+        polling
+            .nodes
+            .iter()
+            .map(|n| (n.id.clone(), n.process.pid())),
+    );
+    for (name, pid) in &pids {
+        let policies = idle_pollers(*pid);
+        assert_eq!(
+            policies.len(),
+            allowed_cpus(*pid),
+            "{name}: one poller per CPU, got {policies:?}"
+        );
+        assert!(
+            policies.iter().all(|&p| p == SCHED_IDLE),
+            "{name}: every poller is SCHED_IDLE, got policies {policies:?}"
+        );
+    }
+    let mut client = polling.client("idle-poll").await;
+    for i in 0..20 {
+        client.put(&format!("k{i}"), "v").await.expect("put");
+    }
+    assert_eq!(polling.wait_converged().await.keys, 20);
+
+    let plain = TestCluster::start(ClusterOptions::default()).await;
+    assert!(idle_pollers(plain.frontend.pid()).is_empty());
+    assert!(idle_pollers(plain.nodes[0].process.pid()).is_empty());
+}

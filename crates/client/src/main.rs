@@ -28,7 +28,7 @@ fn main() {
     // One thread is plenty for one command. The bench gets a worker per core for encoding
     // and decoding (see `BenchArgs::threads`); 1 runs it on the current-thread scheduler.
     let runtime = match &args.command {
-        Some(cli::Command::Bench(b)) => walkv_shared::runtime::build(b.threads()),
+        Some(cli::Command::Bench(b)) => walkv_shared::runtime::build(b.threads(), 0),
         _ => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),

@@ -72,6 +72,9 @@ pub struct Config {
     /// Async runtime worker threads; 0 = one per core, 1 = the current-thread scheduler.
     /// Default 0.
     pub worker_threads: u32,
+    /// Keep the CPUs awake this many µs after the frontend was last busy (see
+    /// `walkv_shared::idle_poll`); 0 = off. Default 0.
+    pub idle_poll_us: u64,
     /// NEGATIVE CONTROL, NEVER IN PRODUCTION: serve reads from any registered node
     /// (catching-up and stale ones included) without waiting for the commit index. This
     /// breaks linearizability on purpose so the chaos harness can prove its checker catches
@@ -110,6 +113,7 @@ impl Default for Config {
             max_connections: 1024,
             shutdown_grace_ms: 2000,
             worker_threads: 0,
+            idle_poll_us: 0,
             unsafe_read_any_node: false,
             unsafe_recover: false,
         }
@@ -172,6 +176,8 @@ impl Config {
                 self.heartbeat_ms, self.failure_timeout_ms
             )));
         }
+        walkv_shared::runtime::check_idle_poll_us(self.idle_poll_us)
+            .map_err(|expected| ConfigError(format!("idle_poll_us: expected {expected}")))?;
         if self.cluster_token.is_empty() {
             return Err(ConfigError(
                 "cluster_token: expected a non-empty string".into(),
@@ -240,6 +246,13 @@ mod tests {
     }
 
     #[test]
+    fn the_quick_start_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/frontend.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!((c.worker_threads, c.idle_poll_us), (1, 1000));
+    }
+
+    #[test]
     fn defaults_are_valid_and_round_trip() {
         let c = Config::default();
         c.validate().unwrap();
@@ -277,6 +290,15 @@ mod tests {
             .unwrap_err()
             .0;
         assert!(err.contains("failure_timeout_ms"), "{err}");
+        let err = load_str("idle_poll_us = 100001\n").unwrap_err().0;
+        assert!(
+            err.contains("idle_poll_us") && err.contains("up to 100000"),
+            "{err}"
+        );
+        assert_eq!(
+            load_str("idle_poll_us = 100000\n").unwrap().idle_poll_us,
+            100_000
+        );
     }
 
     #[test]

@@ -137,7 +137,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match walkv_shared::runtime::build(config.worker_threads) {
+    let runtime = match walkv_shared::runtime::build(config.worker_threads, config.idle_poll_us) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("frontend: cannot start the async runtime: {e}");

@@ -18,11 +18,13 @@
 //! - [`telemetry`]: the tracing subscriber every `main` installs.
 //! - [`shutdown`]: the SIGINT/SIGTERM future every `main` passes to `run`.
 //! - [`runtime`]: the tokio runtime every server `main` builds (`worker_threads`).
+//! - [`idle_poll`]: keeps the CPUs awake briefly after work (`idle_poll_us`).
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod conn;
 pub mod error;
+pub mod idle_poll;
 pub mod record;
 pub mod rpc;
 pub mod runtime;

@@ -52,6 +52,9 @@ pub struct Config {
     /// 1 = the current-thread scheduler.
     /// Default: 0.
     pub worker_threads: u32,
+    /// Keep the CPUs awake this many µs after the node was last busy (see
+    /// `walkv_shared::idle_poll`); 0 = off. Default: 0.
+    pub idle_poll_us: u64,
     /// fsync every WAL batch. Default: true. `false` exists only for negative-control
     /// tests: acknowledged writes can then be lost on power failure.
     pub fsync: bool,
@@ -79,6 +82,7 @@ impl Default for Config {
             max_frame_bytes: 8 * 1024 * 1024,
             max_connections: 256,
             worker_threads: 0,
+            idle_poll_us: 0,
             shutdown_grace_ms: 2000,
             fsync: true,
             discard_corrupt_tail: false,
@@ -145,6 +149,9 @@ impl Config {
                 return bad(key, "a positive integer, got 0");
             }
         }
+        if let Err(expected) = walkv_shared::runtime::check_idle_poll_us(self.idle_poll_us) {
+            return bad("idle_poll_us", &expected);
+        }
         let needed =
             u64::from(self.max_key_bytes) + u64::from(self.max_value_bytes) + FRAME_OVERHEAD_BYTES;
         if u64::from(self.max_frame_bytes) < needed {
@@ -196,6 +203,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_quick_start_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/storage.toml");
+        let c = Config {
+            id: "s1".into(),
+            ..Config::load(&path).unwrap()
+        };
+        c.validate("config/storage.toml").unwrap();
+        assert_eq!((c.worker_threads, c.idle_poll_us), (1, 1000));
+    }
+
+    #[test]
     fn defaults_round_trip_and_validate() {
         let c = Config {
             id: "s1".into(),
@@ -225,6 +243,16 @@ mod tests {
         let e = c.validate("f.toml").unwrap_err().0;
         assert!(
             e.contains("f.toml") && e.contains("`listen`") && e.contains("ip:port"),
+            "{e}"
+        );
+        let c = Config {
+            id: "s1".into(),
+            idle_poll_us: 100_001,
+            ..Config::default()
+        };
+        let e = c.validate("f.toml").unwrap_err().0;
+        assert!(
+            e.contains("`idle_poll_us`") && e.contains("up to 100000"),
             "{e}"
         );
     }

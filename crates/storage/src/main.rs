@@ -179,7 +179,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     walkv_shared::telemetry::init();
     if let Some(Command::Wal(cmd)) = &cli.command {
-        return match walkv_shared::runtime::build(0) {
+        return match walkv_shared::runtime::build(0, 0) {
             Ok(r) => r.block_on(wal_tool(cmd)),
             Err(e) => {
                 eprintln!("error: cannot start the async runtime: {e}");
@@ -194,7 +194,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match walkv_shared::runtime::build(config.worker_threads) {
+    match walkv_shared::runtime::build(config.worker_threads, config.idle_poll_us) {
         Ok(r) => r.block_on(serve(config)),
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");
