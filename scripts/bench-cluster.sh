@@ -3,7 +3,8 @@
 # 127.0.0.1 with the repo's config files, data and logs under $DIR (default: a new temp
 # dir), ports from $BASE (default 27000: frontend 27000/27001, storage 27101-27103).
 # Prints the frontend address and the pids, then waits; Ctrl-C or SIGTERM stops all four.
-# FRONTEND_CONFIG names another frontend config file (default config/frontend.toml).
+# FRONTEND_CONFIG and STORAGE_CONFIG name other config files (defaults: config/frontend.toml
+# and config/storage.toml).
 #
 #   BIN=target/release scripts/bench-cluster.sh &
 #   ./target/release/client --id b --frontend 127.0.0.1:27000 bench --clients 64 --duration 10
@@ -12,6 +13,7 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.}
 BASE=${BASE:-27000}
 FRONTEND_CONFIG=${FRONTEND_CONFIG:-config/frontend.toml}
+STORAGE_CONFIG=${STORAGE_CONFIG:-config/storage.toml}
 DIR=${DIR:-$(mktemp -d /tmp/walkv-bench.XXXXXX)}
 # Refuse to start on a busy port: a storage node of someone else's cluster would otherwise
 # register with this frontend (or ours with theirs).
@@ -34,7 +36,7 @@ trap stop INT TERM EXIT
   >>"$DIR/logs/frontend.log" 2>&1 &
 pids+=($!)
 for i in 1 2 3; do
-  "$BIN/storage" --config config/storage.toml --id "s$i" --listen "127.0.0.1:$((BASE + 100 + i))" \
+  "$BIN/storage" --config "$STORAGE_CONFIG" --id "s$i" --listen "127.0.0.1:$((BASE + 100 + i))" \
     --frontend "127.0.0.1:$((BASE + 1))" --data-dir "$DIR/s$i" >>"$DIR/logs/s$i.log" 2>&1 &
   pids+=($!)
 done
