@@ -3,8 +3,9 @@
 //! benchmarks, never in tests).
 
 use std::process::Command;
+use std::time::Duration;
 use walkv_tests::cluster::{ClusterOptions, TestCluster};
-use walkv_tests::process::bin_path;
+use walkv_tests::process::{bin_path, wait_until};
 
 /// `client bench --ops N --json` runs N operations (half reads, over a preloaded key space)
 /// with several clients sharing fewer connections, prints one JSON object with ops/s,
@@ -67,19 +68,23 @@ async fn bench_json_report_has_the_fields_and_no_errors() {
 }
 
 /// Threads named `idle-poll` in process `pid`, with their scheduling policy (field 41 of
-/// `/proc/PID/task/TID/stat`).
+/// `/proc/PID/task/TID/stat`); a thread that exits meanwhile is skipped.
 fn idle_pollers(pid: u32) -> Vec<u32> {
     let mut policies = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("read the task list") {
-        let dir = task.expect("task entry").path();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("read the task list");
+    for task in tasks.flatten() {
+        let dir = task.path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
         if comm.trim() != "idle-poll" {
             continue;
         }
         let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
-        let after_comm = &stat[stat.rfind(')').expect("stat has a comm") + 2..];
-        let policy = after_comm.split(' ').nth(41 - 3).expect("policy field");
-        policies.push(policy.parse().expect("numeric policy"));
+        let policy = stat
+            .rfind(')')
+            .and_then(|i| stat.get(i + 2..))
+            .and_then(|after_comm| after_comm.split(' ').nth(41 - 3))
+            .and_then(|p| p.parse::<u32>().ok());
+        policies.extend(policy);
     }
     policies
 }
@@ -101,8 +106,9 @@ fn allowed_cpus(pid: u32) -> usize {
 }
 
 /// `idle_poll_us` in the frontend's and the storage nodes' configs starts one poller per
-/// CPU in each of them, every one `SCHED_IDLE` (so it can never take a CPU from real work),
-/// and the cluster serves writes as usual; without the key no process has pollers.
+/// CPU in each of them, every one `SCHED_IDLE` (so it never takes a CPU from the servers'
+/// own threads), and the cluster serves writes as usual; without the key no process has
+/// pollers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_polling_runs_sched_idle_pollers_in_every_server_that_asks_for_it() {
     const SCHED_IDLE: u32 = 5;
@@ -120,6 +126,12 @@ async fn idle_polling_runs_sched_idle_pollers_in_every_server_that_asks_for_it()
             .map(|n| (n.id.clone(), n.process.pid())),
     );
     for (name, pid) in &pids {
+        // Each poller makes itself SCHED_IDLE as it starts.
+        let cpus = allowed_cpus(*pid);
+        wait_until(Duration::from_secs(10), || {
+            let policies = idle_pollers(*pid);
+            policies.len() == cpus && policies.iter().all(|&p| p == SCHED_IDLE)
+        });
         let policies = idle_pollers(*pid);
         assert_eq!(
             policies.len(),

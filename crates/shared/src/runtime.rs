@@ -11,7 +11,8 @@
 //! stealing machinery (shared run queues, atomics on every wake) that one worker cannot use.
 //!
 //! With `idle_poll_us` > 0 the runtime also starts an [`IdlePoller`] and tells it each time
-//! a worker parks or unparks, so the CPUs stay awake for that long after the last work.
+//! a worker parks or unparks, so the CPUs stay awake for that long after the last work
+//! (sleeping pollers are woken by either, so they are spinning before the work ends).
 
 use crate::idle_poll::IdlePoller;
 use std::time::Duration;
