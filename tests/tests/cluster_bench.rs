@@ -4,6 +4,7 @@
 
 use std::process::Command;
 use std::time::Duration;
+use walkv_shared::idle_poll::{policies_of_pollers, SCHED_IDLE};
 use walkv_tests::cluster::{ClusterOptions, TestCluster};
 use walkv_tests::process::{bin_path, wait_until};
 
@@ -67,26 +68,9 @@ async fn bench_json_report_has_the_fields_and_no_errors() {
     assert_eq!(digest.keys, 50);
 }
 
-/// Threads named `idle-poll` in process `pid`, with their scheduling policy (field 41 of
-/// `/proc/PID/task/TID/stat`); a thread that exits meanwhile is skipped.
+/// Policies of the `idle-poll` threads of process `pid`.
 fn idle_pollers(pid: u32) -> Vec<u32> {
-    let mut policies = Vec::new();
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("read the task list");
-    for task in tasks.flatten() {
-        let dir = task.path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.trim() != "idle-poll" {
-            continue;
-        }
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
-        let policy = stat
-            .rfind(')')
-            .and_then(|i| stat.get(i + 2..))
-            .and_then(|after_comm| after_comm.split(' ').nth(41 - 3))
-            .and_then(|p| p.parse::<u32>().ok());
-        policies.extend(policy);
-    }
-    policies
+    policies_of_pollers(&pid.to_string()).expect("read the task list")
 }
 
 /// CPUs process `pid` may run on (`Cpus_allowed_list`, such as `0-1` or `0,2-3`).
@@ -111,7 +95,6 @@ fn allowed_cpus(pid: u32) -> usize {
 /// pollers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_polling_runs_sched_idle_pollers_in_every_server_that_asks_for_it() {
-    const SCHED_IDLE: u32 = 5;
     let polling = TestCluster::start(ClusterOptions {
         frontend_extra: "idle_poll_us = 500\n".into(),
         storage_extra: "idle_poll_us = 500\n".into(),

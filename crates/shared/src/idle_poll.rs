@@ -198,6 +198,32 @@ impl Drop for IdlePoller {
     }
 }
 
+/// `SCHED_IDLE` in `sched(7)`, as `/proc/PID/task/TID/stat` reports it.
+pub const SCHED_IDLE: u32 = 5;
+
+/// The scheduling policy (field 41 of `/proc/PID/task/TID/stat`) of every `idle-poll`
+/// thread of process `pid` (a number, or `self`), to check from outside that pollers run
+/// and are `SCHED_IDLE` (tests, diagnostics). A thread that exits meanwhile is skipped.
+pub fn policies_of_pollers(pid: &str) -> std::io::Result<Vec<u32>> {
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        let dir = task.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != THREAD_NAME {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        // The fields after the parenthesised comm start at field 3.
+        let policy = stat
+            .rfind(')')
+            .and_then(|i| stat.get(i + 2..))
+            .and_then(|rest| rest.split(' ').nth(41 - 3))
+            .and_then(|p| p.parse::<u32>().ok());
+        policies.extend(policy);
+    }
+    Ok(policies)
+}
+
 #[cfg(target_os = "linux")]
 mod sys {
     use thread_priority::unix::thread_schedule_policy;
@@ -274,29 +300,8 @@ mod tests {
         }
     }
 
-    /// `SCHED_IDLE` in `sched(7)`.
-    const SCHED_IDLE: u32 = 5;
-
-    /// Policy (field 41 of `/proc/self/task/TID/stat`) of every thread named `idle-poll`.
-    /// Threads that exit meanwhile are skipped.
     fn poller_policies() -> Vec<u32> {
-        let mut out = Vec::new();
-        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-            let dir = task.path();
-            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-            if comm.trim() != THREAD_NAME {
-                continue;
-            }
-            let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
-            // Fields after the parenthesised comm start at field 3.
-            let policy = stat
-                .rfind(')')
-                .and_then(|i| stat.get(i + 2..))
-                .and_then(|rest| rest.split(' ').nth(41 - 3))
-                .and_then(|p| p.parse::<u32>().ok());
-            out.extend(policy);
-        }
-        out
+        policies_of_pollers("self").unwrap()
     }
 
     #[test]
