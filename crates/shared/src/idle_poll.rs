@@ -10,12 +10,13 @@
 //! [`IdlePoller::start`] runs one `idle-poll` thread per CPU the process may use, pinned
 //! to that CPU and scheduled `SCHED_IDLE`: the kernel runs it only when that CPU has nothing
 //! else to run (among the threads of its cgroup) and preempts it as soon as anything else
-//! wakes there. It spins while the process was active within the last `window` (the
-//! runtime calls [`IdlePoller::activity`] each time a worker parks or unparks) and sleeps
-//! otherwise.
+//! wakes there. It spins while the process was busy within the last `window` (the
+//! runtime calls [`IdlePoller::activity`] each time a worker parks or unparks; busy means
+//! [`BUSY_ACTIVITIES`] of those within 10 ms, so a quiet server's timers alone never start
+//! a poller) and sleeps otherwise.
 //!
 //! What it costs: CPU time that would otherwise be idle, so `top` shows the pollers busy
-//! while requests flow, and a quiet server still polls for `window` after each heartbeat.
+//! while requests flow.
 //! Where CPU time is capped or billed (a container with a `cpu.max` quota, burstable
 //! cloud instances) that time is not free: the pollers spend the quota of the real work,
 //! and SCHED_IDLE only yields to threads of the same cgroup. Leave it off there.
@@ -49,13 +50,47 @@ pub fn should_poll(last_ns: u64, now_ns: u64, window: Duration) -> bool {
     u128::from(now_ns.saturating_sub(last_ns)) < window.as_nanos()
 }
 
+/// Activity is counted in buckets of this many ns (10 ms).
+const BUCKET_NS: u64 = 10_000_000;
+
+/// Parks and unparks in one bucket from which the process counts as busy: a request
+/// stream of ~200 per second and more, not the few timer wake-ups (heartbeats) of a
+/// quiet server, which alone would have the pollers spin a window after each of them.
+pub const BUSY_ACTIVITIES: u64 = 8;
+
+/// The activity counter as one word: bucket number, whether the bucket before it was
+/// busy, and the count so far in this bucket.
+const COUNT_BITS: u32 = 15;
+const COUNT_MAX: u64 = (1 << COUNT_BITS) - 1;
+const PREV_BUSY: u64 = 1 << COUNT_BITS;
+
+/// The counter after one more activity in bucket `bucket` (pure).
+pub fn count_activity(state: u64, bucket: u64) -> u64 {
+    let (was, count) = (state >> (COUNT_BITS + 1), state & COUNT_MAX);
+    if was == bucket {
+        (state & !COUNT_MAX) | (count + 1).min(COUNT_MAX)
+    } else {
+        let prev_busy = was + 1 == bucket && count >= BUSY_ACTIVITIES;
+        (bucket << (COUNT_BITS + 1)) | if prev_busy { PREV_BUSY } else { 0 } | 1
+    }
+}
+
+/// Whether the counter says busy: this bucket or the one before it had
+/// [`BUSY_ACTIVITIES`] (pure).
+pub fn is_busy(state: u64) -> bool {
+    state & PREV_BUSY != 0 || state & COUNT_MAX >= BUSY_ACTIVITIES
+}
+
 /// What the polling threads and the runtime hooks share.
 #[derive(Debug)]
 struct Shared {
     origin: Instant,
     window: Duration,
-    /// Nanoseconds since `origin` of the last park or unpark of a runtime thread.
+    /// Nanoseconds since `origin` of the last park or unpark of a runtime thread while the
+    /// process was busy.
     last_active: AtomicU64,
+    /// Parks and unparks in the current bucket ([`count_activity`]).
+    activities: AtomicU64,
     /// Set by a poller before it sleeps; [`IdlePoller::activity`] clears it and wakes them.
     asleep: AtomicBool,
     stop: AtomicBool,
@@ -120,6 +155,7 @@ impl IdlePoller {
                 origin: Instant::now(),
                 window,
                 last_active: AtomicU64::new(0),
+                activities: AtomicU64::new(0),
                 asleep: AtomicBool::new(false),
                 stop: AtomicBool::new(false),
                 running: AtomicU64::new(0),
@@ -158,14 +194,24 @@ impl IdlePoller {
         Ok(Arc::new(poller))
     }
 
-    /// Records that the process is active now and wakes sleeping pollers: a clock read and
-    /// two atomics, plus, only on the first call after a quiet `window`, one futex wake
-    /// per CPU. Waking them when a worker unparks (not only when it parks) has them
+    /// Records that the process is active now and, when it is busy ([`is_busy`]), has the
+    /// pollers poll for the next `window`, waking them if they sleep: a clock read and three
+    /// atomics, plus, only on the first busy call after a quiet `window`, one futex wake per
+    /// CPU. Waking them when a worker unparks (not only when it parks) has them
     /// spinning while the work runs, before its threads wait on each other or the disk:
     /// waking only at park was slower at PUT-64 in 9 of 10 alternated rounds (medians 3–4%
     /// lower), for a few µs saved on the first request after a quiet spell.
     pub fn activity(&self) {
-        self.shared.last_active.store(self.shared.now_ns(), SeqCst);
+        let now = self.shared.now_ns();
+        let bucket = now / BUCKET_NS;
+        let count = |s| Some(count_activity(s, bucket));
+        let before = match self.shared.activities.fetch_update(SeqCst, SeqCst, count) {
+            Ok(s) | Err(s) => s,
+        };
+        if !is_busy(count_activity(before, bucket)) {
+            return;
+        }
+        self.shared.last_active.store(now, SeqCst);
         if self.shared.asleep.load(SeqCst) && self.shared.asleep.swap(false, SeqCst) {
             for t in &self.threads {
                 t.thread().unpark();
@@ -291,6 +337,49 @@ mod tests {
         assert!(!should_poll(0, u64::MAX, w));
     }
 
+    #[test]
+    fn only_a_stream_of_activity_counts_as_busy() {
+        let ms = |n: u64| n * 1_000_000;
+        let run = |times: &[u64]| {
+            let mut state = 0;
+            times
+                .iter()
+                .map(|&t| {
+                    state = count_activity(state, t / BUCKET_NS);
+                    is_busy(state)
+                })
+                .collect::<Vec<_>>()
+        };
+        // A heartbeat exchange (four parks and unparks within a millisecond) every 200 ms.
+        let heartbeats: Vec<u64> = (0..20u64)
+            .flat_map(|i| (0..4).map(move |k| ms(200 * i) + k * 200_000))
+            .collect();
+        assert!(run(&heartbeats).iter().all(|busy| !busy));
+        // A request every 500 µs, four activities each: busy from the 8th activity of the
+        // first bucket on, without a gap at the bucket boundaries.
+        let stream: Vec<u64> = (0..400u64).map(|i| i * 125_000).collect();
+        let busy = run(&stream);
+        assert!(!busy[..BUSY_ACTIVITIES as usize - 1].iter().any(|b| *b));
+        assert!(busy[BUSY_ACTIVITIES as usize - 1..].iter().all(|b| *b));
+        // After the stream, the next bucket is still busy (the one before it was); a
+        // bucket later, a lone activity is not.
+        let mut state = 0;
+        for &t in &stream {
+            state = count_activity(state, t / BUCKET_NS);
+        }
+        let last = stream[stream.len() - 1] / BUCKET_NS;
+        assert!(is_busy(count_activity(state, last + 1)));
+        assert!(!is_busy(count_activity(state, last + 2)));
+        // The count saturates instead of spilling into the flag or the bucket.
+        let mut state = 0;
+        for _ in 0..2 * COUNT_MAX {
+            state = count_activity(state, 7);
+        }
+        assert_eq!(state >> (COUNT_BITS + 1), 7);
+        assert_eq!(state & COUNT_MAX, COUNT_MAX);
+        assert_eq!(state & PREV_BUSY, 0);
+    }
+
     /// Waits (bounded) for `cond`, checking every millisecond.
     fn eventually(what: &str, cond: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -317,8 +406,11 @@ mod tests {
         // Nothing has been active: every poller goes to sleep.
         eventually("the pollers sleep", || poller.sleeps() >= cpus);
         let (wakes, sleeps) = (poller.wakes(), poller.sleeps());
-        // Activity wakes them before their own timeout.
-        poller.activity();
+        // A burst of activity wakes them before their own timeout (twice the busy count: a
+        // burst split by a bucket boundary is still busy in one of the two buckets).
+        for _ in 0..2 * BUSY_ACTIVITIES {
+            poller.activity();
+        }
         eventually("activity wakes the pollers", || {
             poller.wakes() >= wakes + cpus
         });
