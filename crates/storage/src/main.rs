@@ -110,6 +110,11 @@ enum WalCommand {
         /// WAL segments were written before preallocation), to compare the two.
         #[arg(long)]
         append: bool,
+        /// Keep the CPUs awake for this many µs after each round, as servers with
+        /// `idle_poll_us` do (0 = let them halt, which on a virtual machine adds the cost
+        /// of waking them to every round).
+        #[arg(long, default_value_t = 0)]
+        idle_poll_us: u64,
     },
     /// Load N keys into an in-memory store and report RSS per key, the writer's stall
     /// when it takes a snapshot, apply latency with and without one, and recovery time.
@@ -260,11 +265,14 @@ async fn wal_tool(cmd: &WalCommand) -> ExitCode {
             rounds,
             bytes,
             append,
-        } => tools::sync_bench(dir, *files, *rounds, *bytes, *append).map(|reports| {
-            for r in reports {
-                println!("{r}");
-            }
-        }),
+            idle_poll_us,
+        } => {
+            tools::sync_bench(dir, *files, *rounds, *bytes, *append, *idle_poll_us).map(|reports| {
+                for r in reports {
+                    println!("{r}");
+                }
+            })
+        }
         WalCommand::StoreBench {
             dir,
             recover_only: true,

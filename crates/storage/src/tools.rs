@@ -519,6 +519,9 @@ pub struct SyncRoundReport {
     pub max_us: u64,
     /// The files grew with every write instead of overwriting preallocated zeros.
     pub append: bool,
+    /// The CPUs were kept awake between rounds for this many µs (idle polling, as
+    /// `idle_poll_us` does in the servers); 0 = they could halt.
+    pub idle_poll_us: u64,
     /// Block writes and cache flushes the device completed per `fdatasync`, from
     /// `/proc/diskstats`; `None` where the directory's device is not listed there (tmpfs,
     /// overlay). They count the whole device, other processes' IO included.
@@ -597,6 +600,13 @@ impl std::fmt::Display for SyncRoundReport {
             self.p99_us,
             self.max_us
         )?;
+        if self.idle_poll_us > 0 {
+            write!(
+                f,
+                "; CPUs kept awake (idle polling {} us)",
+                self.idle_poll_us
+            )?;
+        }
         match self.io {
             Some(IoPerSync { writes, flushes }) => {
                 write!(f, "; per fdatasync the device did {writes:.2} writes")?;
@@ -616,13 +626,17 @@ impl std::fmt::Display for SyncRoundReport {
 /// segments were before preallocation) and `fdatasync` it, all starting together, for
 /// `rounds` rounds; a round lasts until the last of them is durable. `n` = 3 is what one
 /// group commit costs three storage nodes sharing this disk before any network or CPU
-/// work. The files live in `dir` and are removed afterwards.
+/// work. With `idle_poll_us` > 0 the CPUs are kept awake meanwhile
+/// ([`walkv_shared::idle_poll`]), as in servers with that setting: on a virtual machine a
+/// round otherwise also pays for waking halted CPUs. The files live in `dir` and are
+/// removed afterwards.
 pub fn sync_bench(
     dir: &Path,
     files: usize,
     rounds: u64,
     bytes: usize,
     append: bool,
+    idle_poll_us: u64,
 ) -> Result<Vec<SyncRoundReport>, String> {
     use crate::wal::disk::{Disk, DiskFile, RealDisk};
     use std::sync::Barrier;
@@ -631,6 +645,18 @@ pub fn sync_bench(
     }
     let bytes = bytes.max(1);
     let payload = vec![b'x'; bytes];
+    let poller = match idle_poll_us {
+        0 => None,
+        us => Some(
+            walkv_shared::idle_poll::IdlePoller::start(std::time::Duration::from_micros(us))
+                .map_err(|e| format!("cannot start idle polling: {e}"))?,
+        ),
+    };
+    let active = || {
+        if let Some(p) = &poller {
+            p.activity();
+        }
+    };
     let mut reports = Vec::new();
     for n in 1..=files.max(1) {
         let paths: Vec<_> = (0..n)
@@ -677,8 +703,10 @@ pub fn sync_bench(
             let counters_before = disk_counters(dir);
             for _ in 0..rounds {
                 let t = Instant::now();
+                active();
                 start.wait();
                 done.wait();
+                active();
                 hist.record(t.elapsed().as_micros() as u64)
                     .map_err(|e| e.to_string())?;
             }
@@ -698,6 +726,7 @@ pub fn sync_bench(
                 p99_us: hist.value_at_quantile(0.99),
                 max_us: hist.max(),
                 append,
+                idle_poll_us,
                 io,
             })
         });
@@ -716,7 +745,7 @@ mod tests {
     #[test]
     fn sync_bench_times_every_round_for_each_file_count_and_cleans_up() {
         let dir = tempfile::tempdir().unwrap();
-        let reports = sync_bench(dir.path(), 3, 25, 300, false).unwrap();
+        let reports = sync_bench(dir.path(), 3, 25, 300, false, 0).unwrap();
         assert_eq!(
             reports.iter().map(|r| r.files).collect::<Vec<_>>(),
             vec![1, 2, 3]
@@ -735,20 +764,37 @@ mod tests {
     #[test]
     fn sync_bench_refuses_a_missing_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let err = sync_bench(&dir.path().join("nope"), 1, 1, 10, false).unwrap_err();
+        let err = sync_bench(&dir.path().join("nope"), 1, 1, 10, false, 0).unwrap_err();
         assert!(err.contains("not a directory"), "{err}");
     }
 
     #[test]
     fn sync_bench_appends_when_asked_and_says_so() {
         let dir = tempfile::tempdir().unwrap();
-        let reports = sync_bench(dir.path(), 1, 5, 100, true).unwrap();
+        let reports = sync_bench(dir.path(), 1, 5, 100, true, 0).unwrap();
         assert!(reports[0].append);
         assert!(
             reports[0].to_string().contains("1 appended file(s)"),
             "{}",
             reports[0]
         );
+    }
+
+    #[test]
+    fn sync_bench_keeps_the_cpus_awake_when_asked_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let reports = sync_bench(dir.path(), 2, 5, 100, false, 1000).unwrap();
+        assert_eq!(reports.len(), 2);
+        for r in &reports {
+            assert_eq!(r.idle_poll_us, 1000);
+            assert!(
+                r.to_string()
+                    .contains("CPUs kept awake (idle polling 1000 us)"),
+                "{r}"
+            );
+        }
+        let plain = sync_bench(dir.path(), 1, 5, 100, false, 0).unwrap();
+        assert!(!plain[0].to_string().contains("awake"), "{}", plain[0]);
     }
 
     #[test]
