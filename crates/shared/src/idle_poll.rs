@@ -16,13 +16,14 @@
 //! a poller) and sleeps otherwise.
 //!
 //! What it costs: CPU time that would otherwise be idle, so `top` shows the pollers busy
-//! while requests flow.
-//! Where CPU time is capped or billed (a container with a `cpu.max` quota, burstable
-//! cloud instances) that time is not free: the pollers spend the quota of the real work,
-//! and SCHED_IDLE only yields to threads of the same cgroup. Leave it off there.
+//! while requests flow. Where CPU time is capped or billed (a container with a `cpu.max`
+//! quota, burstable cloud instances) that time is not free: the pollers spend the quota of
+//! the real work, and SCHED_IDLE only yields to threads of the same cgroup. Leave it off
+//! there.
 //!
-//! Linux only; elsewhere `start` starts no pollers and says so. The decision is
-//! [`should_poll`]; the threads only read clocks and atomics.
+//! Linux only; elsewhere `start` starts no pollers and says so. The decisions are the pure
+//! [`should_poll`], [`count_activity`] and [`is_busy`]; the threads only read clocks and
+//! atomics.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
