@@ -31,9 +31,9 @@ OUT=${OUT:-$(mktemp /tmp/walkv-ab.XXXXXX)}
 hz=$(getconf CLK_TCK)
 cpus=$(getconf _NPROCESSORS_ONLN)
 steal() { awk '/^cpu /{print $9}' /proc/stat; }
-# utime + stime of a pid, in clock ticks, without its idle-poll threads (idle_poll_us):
-# they run only on CPUs that would otherwise be idle, so they are counted apart (polling).
-ticks() { echo $(($(awk '{print $14 + $15}' "/proc/$1/stat") - $(poll_ticks "$1"))); }
+# utime + stime of a pid, in clock ticks; poll_ticks: the part its idle-poll threads
+# (idle_poll_us) used, counted apart: they run only on CPUs that would otherwise be idle.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 poll_ticks() {
   local t n=0
   for t in /proc/"$1"/task/*; do
@@ -79,14 +79,20 @@ for round in $(seq 1 "$ROUNDS"); do
         *) echo "unknown case $case" >&2; exit 2 ;;
       esac
       servers0=0; poll0=0
-      for p in $pids; do servers0=$((servers0 + $(ticks "$p"))); poll0=$((poll0 + $(poll_ticks "$p"))); done
+      for p in $pids; do
+        polled=$(poll_ticks "$p")
+        servers0=$((servers0 + $(ticks "$p") - polled)); poll0=$((poll0 + polled))
+      done
       s0=$(steal) t0=$(date +%s%N)
       # shellcheck disable=SC2086
       json=$( { /usr/bin/time -f "bench-cpu %U %S" "$bin/client" --id ab --frontend "127.0.0.1:$BASE" \
         --json bench $flags $side_flags --threads 1 --duration "$SECS" --keys 10000 2>&1 >&3 | grep '^bench-cpu'; } 3>&1 )
       s1=$(steal) t1=$(date +%s%N)
       servers1=0; poll1=0
-      for p in $pids; do servers1=$((servers1 + $(ticks "$p"))); poll1=$((poll1 + $(poll_ticks "$p"))); done
+      for p in $pids; do
+        polled=$(poll_ticks "$p")
+        servers1=$((servers1 + $(ticks "$p") - polled)); poll1=$((poll1 + polled))
+      done
       echo "$json" | python3 -c '
 import json, sys
 side, case, round_, hz, cpus, dsteal, dns, dservers, dpoll = sys.argv[1:10]
