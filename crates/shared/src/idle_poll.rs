@@ -21,10 +21,24 @@
 //! the real work, and SCHED_IDLE only yields to threads of the same cgroup. Leave it off
 //! there.
 //!
+//! # One poller per CPU per machine
+//!
+//! One spinning thread keeps a CPU awake; more only slow the real work down (with eight
+//! `SCHED_IDLE` spinners on two CPUs instead of two, PUT-64 was ~15% slower: the woken
+//! threads waited longer for a CPU). So when several walkv processes share a machine (the
+//! quick-start cluster runs four), they take turns: a poller spins only while it holds its
+//! CPU's lock file, `walkv-idle-poll-cpu<N>.lock` in the system's temp directory (`flock`,
+//! released by the kernel when its process dies). A poller whose process is busy while
+//! another process holds the lock waits for it, blocked in the kernel at no cost, and takes
+//! over when that process goes quiet. A lock file that cannot be opened or locked leaves
+//! that poller polling on its own, with a warning.
+//!
 //! Linux only; elsewhere `start` starts no pollers and says so. The decisions are the pure
 //! [`should_poll`], [`count_activity`] and [`is_busy`]; the threads only read clocks and
-//! atomics.
+//! atomics, and take their CPU's lock when they start to spin.
 
+use std::fs::File;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -101,6 +115,34 @@ struct Shared {
     sleeps: AtomicU64,
     /// How many times a sleeping poller was woken before its timeout (for tests).
     wakes: AtomicU64,
+    /// Pollers that hold their CPU's lock: spinning, or about to (for tests).
+    holding: AtomicU64,
+    /// Pollers waiting for another process to give up their CPU's lock (for tests).
+    waiting: AtomicU64,
+}
+
+/// The lock file that says which process keeps `cpu` awake.
+fn lock_path(dir: &Path, cpu: usize) -> std::path::PathBuf {
+    dir.join(format!("walkv-idle-poll-cpu{cpu}.lock"))
+}
+
+/// Opens (creating it if needed) the lock file of `cpu` in `dir`. An existing file is opened
+/// read-only, which is enough for `flock`: it may belong to another user, whose umask left
+/// it unwritable to us.
+fn open_cpu_lock(dir: &Path, cpu: usize) -> std::io::Result<File> {
+    let path = lock_path(dir, cpu);
+    match File::open(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        opened => return opened,
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        // Created by another process meanwhile, in a directory (a sticky /tmp) where
+        // opening someone else's file with O_CREAT is refused.
+        .or_else(|_| File::open(&path))
 }
 
 impl Shared {
@@ -108,15 +150,43 @@ impl Shared {
         self.origin.elapsed().as_nanos() as u64
     }
 
-    fn poll(&self) {
+    /// The poller's loop. With `lock` (its CPU's lock file) it spins only while holding
+    /// the lock; without, it spins whenever its process is busy.
+    fn poll(&self, cpu: usize, mut lock: Option<File>) {
         let mut spins: u64 = 0;
+        let mut holding = false;
         while !self.stop.load(SeqCst) {
             if should_poll(self.last_active.load(SeqCst), self.now_ns(), self.window) {
-                for _ in 0..SPINS_PER_CHECK {
-                    std::hint::spin_loop();
+                if holding {
+                    for _ in 0..SPINS_PER_CHECK {
+                        std::hint::spin_loop();
+                    }
+                    spins += 1;
+                    continue;
                 }
-                spins += 1;
+                if let Some(file) = &lock {
+                    // Another walkv process may be keeping this CPU awake already: wait,
+                    // blocked, until it stops, then look at the window again.
+                    self.waiting.fetch_add(1, SeqCst);
+                    let locked = file.lock();
+                    self.waiting.fetch_sub(1, SeqCst);
+                    if let Err(e) = locked {
+                        warn!(cpu, error = %e, "cannot lock the idle-poll lock file: this CPU's poller polls without taking turns with other walkv processes");
+                        lock = None;
+                    }
+                }
+                holding = true;
+                self.holding.fetch_add(1, SeqCst);
                 continue;
+            }
+            if holding {
+                holding = false;
+                self.holding.fetch_sub(1, SeqCst);
+                if let Some(Err(e)) = lock.as_ref().map(File::unlock) {
+                    // Closing the file releases the lock for sure.
+                    warn!(cpu, error = %e, "cannot unlock the idle-poll lock file: this CPU's poller polls without taking turns with other walkv processes");
+                    lock = None;
+                }
             }
             // Announce the sleep, then look again: an `activity` that stored its time
             // before the announcement is seen here, one after it sees `asleep` and wakes
@@ -132,6 +202,10 @@ impl Shared {
                 self.wakes.fetch_add(1, SeqCst);
             }
         }
+        if holding {
+            self.holding.fetch_sub(1, SeqCst);
+        }
+        // Dropping `lock` closes the file, which releases the lock.
         tracing::debug!(spins, "idle poller stopped");
     }
 }
@@ -145,10 +219,17 @@ pub struct IdlePoller {
 
 impl IdlePoller {
     /// Starts one polling thread per CPU this process may run on, each polling for
-    /// `window` after the last [`IdlePoller::activity`]. A thread that cannot be pinned
-    /// and made `SCHED_IDLE` exits at once (a poller at normal priority would take CPU
-    /// from real work), with a warning.
+    /// `window` after the last [`IdlePoller::activity`] and taking turns per CPU with the
+    /// other walkv processes of the machine (lock files in the system's temp directory). A
+    /// thread that cannot be pinned and made `SCHED_IDLE` exits at once (a poller at
+    /// normal priority would take CPU from real work), with a warning.
     pub fn start(window: Duration) -> std::io::Result<Arc<IdlePoller>> {
+        IdlePoller::start_in(window, &std::env::temp_dir())
+    }
+
+    /// [`IdlePoller::start`] with the per-CPU lock files in `lock_dir`: pollers that use the
+    /// same directory take turns.
+    pub fn start_in(window: Duration, lock_dir: &Path) -> std::io::Result<Arc<IdlePoller>> {
         // Built first, so that a spawn failing part-way drops it and stops the pollers
         // already started.
         let mut poller = IdlePoller {
@@ -162,6 +243,8 @@ impl IdlePoller {
                 running: AtomicU64::new(0),
                 sleeps: AtomicU64::new(0),
                 wakes: AtomicU64::new(0),
+                holding: AtomicU64::new(0),
+                waiting: AtomicU64::new(0),
             }),
             threads: Vec::new(),
         };
@@ -169,12 +252,19 @@ impl IdlePoller {
         for cpu in &cpus {
             let cpu = *cpu;
             let shared = poller.shared.clone();
+            let lock_dir = lock_dir.to_path_buf();
             let handle = thread::Builder::new()
                 .name(THREAD_NAME.into())
                 .spawn(move || match sys::pin_and_idle(cpu) {
                     Ok(()) => {
+                        let lock = open_cpu_lock(&lock_dir, cpu)
+                            .inspect_err(|e| {
+                                let path = lock_path(&lock_dir, cpu);
+                                warn!(cpu, path = %path.display(), error = %e, "cannot open the idle-poll lock file: this CPU's poller polls without taking turns with other walkv processes");
+                            })
+                            .ok();
                         shared.running.fetch_add(1, SeqCst);
-                        shared.poll();
+                        shared.poll(cpu, lock);
                         shared.running.fetch_sub(1, SeqCst);
                     }
                     Err(e) => {
@@ -233,6 +323,16 @@ impl IdlePoller {
     /// How many times a sleeping poller was woken before its timeout, for tests.
     pub fn wakes(&self) -> u64 {
         self.shared.wakes.load(SeqCst)
+    }
+
+    /// Pollers holding their CPU's lock (spinning), for tests.
+    pub fn holding(&self) -> u64 {
+        self.shared.holding.load(SeqCst)
+    }
+
+    /// Pollers waiting for another process to stop spinning on their CPU, for tests.
+    pub fn waiting(&self) -> u64 {
+        self.shared.waiting.load(SeqCst)
     }
 }
 
@@ -394,9 +494,46 @@ mod tests {
         policies_of_pollers("self").unwrap()
     }
 
+    /// The tests that start pollers count this process's `idle-poll` threads: one at a time.
+    static POLLER_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// Calls `activity` often enough to count as busy until dropped.
+    struct Busy {
+        stop: Arc<AtomicBool>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl Busy {
+        fn start(poller: &Arc<IdlePoller>) -> Busy {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (poller, stopped) = (poller.clone(), stop.clone());
+            let thread = thread::spawn(move || {
+                while !stopped.load(SeqCst) {
+                    poller.activity();
+                    thread::sleep(Duration::from_micros(200));
+                }
+            });
+            Busy {
+                stop,
+                thread: Some(thread),
+            }
+        }
+    }
+
+    impl Drop for Busy {
+        fn drop(&mut self) {
+            self.stop.store(true, SeqCst);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
     #[test]
     fn pollers_are_sched_idle_sleep_when_quiet_and_wake_on_activity() {
-        let poller = IdlePoller::start(Duration::from_millis(200)).unwrap();
+        let _one_at_a_time = POLLER_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        let locks = tempfile::tempdir().unwrap();
+        let poller = IdlePoller::start_in(Duration::from_millis(200), locks.path()).unwrap();
         let cpus = sys::allowed_cpus().unwrap().len() as u64;
         eventually("every poller runs", || poller.running() == cpus);
         // A poller at any other policy would compete with real work.
@@ -423,5 +560,46 @@ mod tests {
         eventually("the pollers exit when dropped", || {
             poller_policies().is_empty()
         });
+    }
+
+    #[test]
+    fn processes_on_one_machine_take_turns_keeping_each_cpu_awake() {
+        let _one_at_a_time = POLLER_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        // Two pollers on one lock directory stand for two processes: `flock` locks belong
+        // to the open file, so two opens in one process exclude each other like two
+        // processes do.
+        let locks = tempfile::tempdir().unwrap();
+        let window = Duration::from_millis(50);
+        let a = IdlePoller::start_in(window, locks.path()).unwrap();
+        let b = IdlePoller::start_in(window, locks.path()).unwrap();
+        let cpus = sys::allowed_cpus().unwrap().len() as u64;
+        eventually("every poller runs", || a.running() == cpus && b.running() == cpus);
+
+        // Both busy: each CPU has one spinning poller, and the other one waits for it.
+        let busy_a = Busy::start(&a);
+        let busy_b = Busy::start(&b);
+        eventually("one poller per CPU spins, the other waits", || {
+            a.holding() + b.holding() == cpus && a.waiting() + b.waiting() == cpus
+        });
+        for _ in 0..200 {
+            let spinning = a.holding() + b.holding();
+            assert!(spinning <= cpus, "{spinning} pollers spin on {cpus} CPUs");
+            thread::sleep(Duration::from_micros(500));
+        }
+
+        // A goes quiet: after its window, B keeps every CPU awake. (A poller of A that was
+        // waiting stays blocked until B lets go, then finds A quiet and sleeps.)
+        drop(busy_a);
+        eventually("the busy process takes over every CPU", || {
+            b.holding() == cpus && a.holding() == 0
+        });
+
+        // Both quiet: nobody spins, and the locks are free for a newcomer.
+        drop(busy_b);
+        eventually("nobody spins", || a.holding() + b.holding() == 0);
+        for cpu in sys::allowed_cpus().unwrap() {
+            let lock = open_cpu_lock(locks.path(), cpu).unwrap();
+            lock.try_lock().unwrap();
+        }
     }
 }
