@@ -573,7 +573,9 @@ mod tests {
         let a = IdlePoller::start_in(window, locks.path()).unwrap();
         let b = IdlePoller::start_in(window, locks.path()).unwrap();
         let cpus = sys::allowed_cpus().unwrap().len() as u64;
-        eventually("every poller runs", || a.running() == cpus && b.running() == cpus);
+        eventually("every poller runs", || {
+            a.running() == cpus && b.running() == cpus
+        });
 
         // Both busy: each CPU has one spinning poller, and the other one waits for it.
         let busy_a = Busy::start(&a);
@@ -601,5 +603,19 @@ mod tests {
             let lock = open_cpu_lock(locks.path(), cpu).unwrap();
             lock.try_lock().unwrap();
         }
+    }
+
+    #[test]
+    fn without_a_usable_lock_directory_each_poller_polls_on_its_own() {
+        let _one_at_a_time = POLLER_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        let gone = tempfile::tempdir().unwrap().path().join("missing");
+        let a = IdlePoller::start_in(Duration::from_millis(50), &gone).unwrap();
+        let b = IdlePoller::start_in(Duration::from_millis(50), &gone).unwrap();
+        let cpus = sys::allowed_cpus().unwrap().len() as u64;
+        let (_busy_a, _busy_b) = (Busy::start(&a), Busy::start(&b));
+        eventually("both poll on every CPU", || {
+            a.holding() == cpus && b.holding() == cpus
+        });
+        assert_eq!(a.waiting() + b.waiting(), 0);
     }
 }
