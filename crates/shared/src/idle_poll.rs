@@ -31,7 +31,9 @@
 //! released by the kernel when its process dies). A poller whose process is busy while
 //! another process holds the lock waits for it, blocked in the kernel at no cost, and takes
 //! over when that process goes quiet. A lock file that cannot be opened or locked leaves
-//! that poller polling on its own, with a warning.
+//! that poller polling on its own, with a warning. A process stopped (`SIGSTOP`) while it
+//! holds a lock keeps it until it resumes: meanwhile nobody polls on that CPU, which costs
+//! speed, never correctness.
 //!
 //! Linux only; elsewhere `start` starts no pollers and says so. The decisions are the pure
 //! [`should_poll`], [`count_activity`] and [`is_busy`]; the threads only read clocks and
