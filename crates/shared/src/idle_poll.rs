@@ -31,9 +31,15 @@
 //! released by the kernel when its process dies). A poller whose process is busy while
 //! another process holds the lock waits for it, blocked in the kernel at no cost, and takes
 //! over when that process goes quiet. A lock file that cannot be opened or locked leaves
-//! that poller polling on its own, with a warning. A process stopped (`SIGSTOP`) while it
-//! holds a lock keeps it until it resumes: meanwhile nobody polls on that CPU, which costs
-//! speed, never correctness.
+//! that poller polling on its own, with a warning.
+//!
+//! Servers take turns only when they share the temp directory (the same `TMPDIR`, no
+//! systemd `PrivateTmp`, the same container) and the lock files stay in place: a cleaner
+//! that removes one splits the processes that opened it before from those that open it
+//! after. Otherwise they poll each on its own, as without the files. A process stopped
+//! (`SIGSTOP`) while it holds a lock keeps it until it resumes, and any local user who can
+//! read a lock file can hold it: meanwhile nobody polls on that CPU, which costs speed,
+//! never correctness.
 //!
 //! Linux only; elsewhere `start` starts no pollers and says so. The decisions are the pure
 //! [`should_poll`], [`count_activity`] and [`is_busy`]; the threads only read clocks and
@@ -117,7 +123,8 @@ struct Shared {
     sleeps: AtomicU64,
     /// How many times a sleeping poller was woken before its timeout (for tests).
     wakes: AtomicU64,
-    /// Pollers that hold their CPU's lock: spinning, or about to (for tests).
+    /// Pollers allowed to spin: holding their CPU's lock (or about to look at the window
+    /// again after taking it), or polling without one (for tests).
     holding: AtomicU64,
     /// Pollers waiting for another process to give up their CPU's lock (for tests).
     waiting: AtomicU64,
@@ -126,25 +133,6 @@ struct Shared {
 /// The lock file that says which process keeps `cpu` awake.
 fn lock_path(dir: &Path, cpu: usize) -> std::path::PathBuf {
     dir.join(format!("walkv-idle-poll-cpu{cpu}.lock"))
-}
-
-/// Opens (creating it if needed) the lock file of `cpu` in `dir`. An existing file is opened
-/// read-only, which is enough for `flock`: it may belong to another user, whose umask left
-/// it unwritable to us.
-fn open_cpu_lock(dir: &Path, cpu: usize) -> std::io::Result<File> {
-    let path = lock_path(dir, cpu);
-    match File::open(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        opened => return opened,
-    }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        // Created by another process meanwhile, in a directory (a sticky /tmp) where
-        // opening someone else's file with O_CREAT is refused.
-        .or_else(|_| File::open(&path))
 }
 
 impl Shared {
@@ -170,7 +158,7 @@ impl Shared {
                     // Another walkv process may be keeping this CPU awake already: wait,
                     // blocked, until it stops, then look at the window again.
                     self.waiting.fetch_add(1, SeqCst);
-                    let locked = file.lock();
+                    let locked = lock_waiting(file);
                     self.waiting.fetch_sub(1, SeqCst);
                     if let Err(e) = locked {
                         warn!(cpu, error = %e, "cannot lock the idle-poll lock file: this CPU's poller polls without taking turns with other walkv processes");
@@ -183,12 +171,12 @@ impl Shared {
             }
             if holding {
                 holding = false;
-                self.holding.fetch_sub(1, SeqCst);
                 if let Some(Err(e)) = lock.as_ref().map(File::unlock) {
                     // Closing the file releases the lock for sure.
                     warn!(cpu, error = %e, "cannot unlock the idle-poll lock file: this CPU's poller polls without taking turns with other walkv processes");
                     lock = None;
                 }
+                self.holding.fetch_sub(1, SeqCst);
             }
             // Announce the sleep, then look again: an `activity` that stored its time
             // before the announcement is seen here, one after it sees `asleep` and wakes
@@ -212,7 +200,19 @@ impl Shared {
     }
 }
 
-/// The polling threads of one process; stops them when dropped.
+/// Takes `file`'s lock, waiting (blocked) while another process holds it; a signal that
+/// interrupts the wait does not end it.
+fn lock_waiting(file: &File) -> std::io::Result<()> {
+    loop {
+        match file.lock() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            locked => return locked,
+        }
+    }
+}
+
+/// The polling threads of one process; stops them when dropped (a poller waiting for
+/// another process's lock stops once it gets it).
 #[derive(Debug)]
 pub struct IdlePoller {
     shared: Arc<Shared>,
@@ -259,7 +259,7 @@ impl IdlePoller {
                 .name(THREAD_NAME.into())
                 .spawn(move || match sys::pin_and_idle(cpu) {
                     Ok(()) => {
-                        let lock = open_cpu_lock(&lock_dir, cpu)
+                        let lock = sys::open_cpu_lock(&lock_path(&lock_dir, cpu))
                             .inspect_err(|e| {
                                 let path = lock_path(&lock_dir, cpu);
                                 warn!(cpu, path = %path.display(), error = %e, "cannot open the idle-poll lock file: this CPU's poller polls without taking turns with other walkv processes");
@@ -375,6 +375,9 @@ pub fn policies_of_pollers(pid: &str) -> std::io::Result<Vec<u32>> {
 
 #[cfg(target_os = "linux")]
 mod sys {
+    use std::fs::{File, OpenOptions};
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::path::Path;
     use thread_priority::unix::thread_schedule_policy;
     use thread_priority::{
         set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy,
@@ -389,6 +392,39 @@ mod sys {
         core_affinity::get_core_ids()
             .map(|ids| ids.into_iter().map(|c| c.id).collect())
             .ok_or_else(|| std::io::Error::other("cannot read the CPU affinity mask"))
+    }
+
+    /// Opens (creating it if needed) a CPU's lock file. An existing file is opened
+    /// read-only, which is enough for `flock`: it may belong to another user. A file this
+    /// creates is made readable by all, whatever the umask, so that other users' servers
+    /// can take turns with this one. The lock files live in a world-writable directory,
+    /// where another user could have put a symlink or a FIFO under that name: neither is
+    /// followed nor waited on, and anything but a regular file is refused.
+    pub fn open_cpu_lock(path: &Path) -> std::io::Result<File> {
+        let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK;
+        let open_existing = || OpenOptions::new().read(true).custom_flags(flags).open(path);
+        let file = match open_existing() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(flags)
+                    .open(path)
+                {
+                    Ok(created) => {
+                        created.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+                        created
+                    }
+                    // Created by another process meanwhile.
+                    Err(_) => open_existing()?,
+                }
+            }
+            opened => opened?,
+        };
+        if !file.metadata()?.file_type().is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        Ok(file)
     }
 
     /// Pins the calling thread to `cpu` and gives it the `SCHED_IDLE` policy.
@@ -415,6 +451,13 @@ mod sys {
 mod sys {
     pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
         Ok(Vec::new())
+    }
+
+    pub fn open_cpu_lock(_path: &std::path::Path) -> std::io::Result<std::fs::File> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "idle polling needs Linux",
+        ))
     }
 
     pub fn pin_and_idle(_cpu: usize) -> std::io::Result<()> {
@@ -602,22 +645,70 @@ mod tests {
         drop(busy_b);
         eventually("nobody spins", || a.holding() + b.holding() == 0);
         for cpu in sys::allowed_cpus().unwrap() {
-            let lock = open_cpu_lock(locks.path(), cpu).unwrap();
-            lock.try_lock().unwrap();
+            let lock = sys::open_cpu_lock(&lock_path(locks.path(), cpu)).unwrap();
+            // A waiting poller of A may hold it for a moment: it gets it, finds A quiet
+            // and lets go.
+            eventually("the lock is free", || lock.try_lock().is_ok());
         }
+        drop((a, b));
+        eventually("the pollers exit when dropped", || {
+            poller_policies().is_empty()
+        });
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_lock_file_is_never_a_symlink_or_a_fifo_someone_left_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::write(&target, "precious").unwrap();
+        let link = dir.path().join("link.lock");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(
+            sys::open_cpu_lock(&link).is_err(),
+            "a symlink is not followed"
+        );
+        let dangling = dir.path().join("dangling.lock");
+        std::os::unix::fs::symlink(dir.path().join("created"), &dangling).unwrap();
+        assert!(sys::open_cpu_lock(&dangling).is_err());
+        assert!(
+            !dir.path().join("created").exists(),
+            "nothing is created through it"
+        );
+        let fifo = dir.path().join("fifo.lock");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        assert!(
+            sys::open_cpu_lock(&fifo).is_err(),
+            "a FIFO is refused, not waited on"
+        );
+        // A lock file this creates is readable by all, whatever the umask.
+        use std::os::unix::fs::PermissionsExt;
+        let created = dir.path().join("cpu0.lock");
+        sys::open_cpu_lock(&created).unwrap();
+        let mode = std::fs::metadata(&created).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644);
     }
 
     #[test]
     fn without_a_usable_lock_directory_each_poller_polls_on_its_own() {
         let _one_at_a_time = POLLER_TESTS.lock().unwrap_or_else(|e| e.into_inner());
-        let gone = tempfile::tempdir().unwrap().path().join("missing");
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("missing");
         let a = IdlePoller::start_in(Duration::from_millis(50), &gone).unwrap();
         let b = IdlePoller::start_in(Duration::from_millis(50), &gone).unwrap();
         let cpus = sys::allowed_cpus().unwrap().len() as u64;
-        let (_busy_a, _busy_b) = (Busy::start(&a), Busy::start(&b));
+        let busy = (Busy::start(&a), Busy::start(&b));
         eventually("both poll on every CPU", || {
             a.holding() == cpus && b.holding() == cpus
         });
         assert_eq!(a.waiting() + b.waiting(), 0);
+        drop((busy, a, b));
+        eventually("the pollers exit when dropped", || {
+            poller_policies().is_empty()
+        });
     }
 }
