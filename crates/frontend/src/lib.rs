@@ -58,6 +58,7 @@ use crate::isr::{join_ids, Membership};
 use crate::registry::RegistryServer;
 use crate::server::FrontendServer;
 use crate::state::StateFile;
+use futures::FutureExt;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -204,10 +205,10 @@ pub async fn run_with_doors(
                         let _permit = permit;
                         serve_requests(channel.execute(serve.serve()), MAX_IN_FLIGHT_PER_CONN, |f| {
                             let guard = InFlight::enter(&in_flight);
-                            async move {
-                                f.await;
-                                drop(guard);
-                            }
+                            // `map`, not an `async move` block: the block would hold the
+                            // request's future twice (as its capture and at its await),
+                            // 3.6 KB instead of 1.8 KB, copied into every request's task.
+                            f.map(move |()| drop(guard))
                         })
                         .await;
                     });
