@@ -42,6 +42,7 @@ pub use config::Config;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub use server::StorageServer;
 
+use futures::FutureExt;
 use std::fs::File;
 use std::future::Future;
 use std::path::Path;
@@ -240,10 +241,11 @@ pub async fn run(
                     serve_requests(requests, MAX_IN_FLIGHT_PER_CONN, |f| {
                         in_flight.fetch_add(1, Ordering::SeqCst);
                         let in_flight = in_flight.clone();
-                        async move {
-                            f.await;
+                        // `map`, not an `async move` block, which would hold the request's
+                        // future twice (as its capture and at its await).
+                        f.map(move |()| {
                             in_flight.fetch_sub(1, Ordering::SeqCst);
-                        }
+                        })
                     })
                     .await;
                     tracing::debug!(peer = %peer, "connection closed");
