@@ -11,12 +11,52 @@
 //! [`serve_requests`] keeps `for_each_concurrent`'s contract (at most `limit` requests run
 //! at once, it ends when the stream has ended and every request has finished) but first
 //! runs every request that is ready, then pumps the stream: the responses they queued go
-//! out with one flush.
+//! out with one flush. [`InFlight`] counts the requests that run, so that a server's
+//! shutdown can wait for them.
 
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
+use futures::FutureExt;
 use std::future::Future;
 use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::Poll;
+
+/// A server's count of requests in flight, over all its connections. Cheap to clone: the
+/// clones share the count.
+#[derive(Clone, Debug, Default)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+/// One counted request; uncounts it when dropped, finished or not.
+struct Counted(Arc<AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl InFlight {
+    /// A count of zero.
+    pub fn new() -> InFlight {
+        InFlight::default()
+    }
+
+    /// Requests in flight now.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// `request`, counted from now until it finishes or is dropped. The result holds
+    /// `request` once, a pointer more: every request's future is copied into its task, and
+    /// an `async move` block around it would hold it twice (as its capture and at its
+    /// await), which cost the frontend 3.6 KB per request instead of 1.8 KB.
+    pub fn track<F: Future<Output = ()>>(&self, request: F) -> impl Future<Output = ()> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        let counted = Counted(self.0.clone());
+        request.map(move |()| drop(counted))
+    }
+}
 
 /// Requests a walkv server (frontend or storage node) runs at once per connection; more
 /// wait in the socket. Below tarpc's `pending_response_buffer` (100), because tarpc only
@@ -67,7 +107,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::serve_requests;
+    use super::{serve_requests, InFlight};
     use futures::{Sink, StreamExt};
     use std::pin::Pin;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -207,5 +247,46 @@ mod tests {
         .await;
         assert_eq!(done.load(Ordering::SeqCst), 20);
         assert_eq!(peak.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn in_flight_counts_a_request_until_it_ends_or_is_dropped_and_holds_it_once() {
+        let in_flight = InFlight::new();
+        let gate = Arc::new(Semaphore::new(0));
+        let request = |gate: Arc<Semaphore>| async move {
+            let state = [7u8; 1024];
+            let _ = gate.acquire().await;
+            std::hint::black_box(state);
+        };
+        let bare = std::mem::size_of_val(&request(gate.clone()));
+        let tracked = in_flight.track(request(gate.clone()));
+        assert!(
+            std::mem::size_of_val(&tracked) <= bare + 16,
+            "a tracked request is {} bytes for a {bare}-byte request",
+            std::mem::size_of_val(&tracked)
+        );
+        let dropped = in_flight.track(request(gate.clone()));
+        assert_eq!(in_flight.count(), 2);
+        drop(dropped);
+        assert_eq!(
+            in_flight.count(),
+            1,
+            "a dropped request is no longer in flight"
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut tracked = Box::pin(tracked);
+            assert!(futures::poll!(tracked.as_mut()).is_pending());
+            assert_eq!(in_flight.count(), 1, "a waiting request is in flight");
+            gate.add_permits(1);
+            tracked.await;
+        });
+        assert_eq!(
+            in_flight.count(),
+            0,
+            "a finished request is no longer in flight"
+        );
     }
 }

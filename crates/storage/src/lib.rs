@@ -42,11 +42,9 @@ pub use config::Config;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub use server::StorageServer;
 
-use futures::FutureExt;
 use std::fs::File;
 use std::future::Future;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::net::TcpListener;
@@ -54,7 +52,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 use wal::writer::{read_epoch, NodeState, WalWriter, WriterConfig, WriterThread};
-use walkv_shared::conn::{serve_requests, MAX_IN_FLIGHT_PER_CONN};
+use walkv_shared::conn::{serve_requests, InFlight, MAX_IN_FLIGHT_PER_CONN};
 use walkv_shared::rpc::Storage;
 use walkv_shared::{transport, NodeId};
 
@@ -213,7 +211,7 @@ pub async fn run(
     let limit = Arc::new(Semaphore::new(config.max_connections as usize));
     let mut fatal = node.state.fatal.subscribe();
     let max_frame = config.max_frame_bytes as usize;
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    let in_flight = InFlight::new();
     tokio::pin!(shutdown);
     let result = loop {
         // Reap finished connection tasks so the set does not grow without bound.
@@ -238,16 +236,7 @@ pub async fn run(
                 conns.spawn(async move {
                     let transport = transport::json_transport(stream, max_frame);
                     let requests = BaseChannel::with_defaults(transport).execute(server.serve());
-                    serve_requests(requests, MAX_IN_FLIGHT_PER_CONN, |f| {
-                        in_flight.fetch_add(1, Ordering::SeqCst);
-                        let in_flight = in_flight.clone();
-                        // `map`, not an `async move` block, which would hold the request's
-                        // future twice (as its capture and at its await).
-                        f.map(move |()| {
-                            in_flight.fetch_sub(1, Ordering::SeqCst);
-                        })
-                    })
-                    .await;
+                    serve_requests(requests, MAX_IN_FLIGHT_PER_CONN, |f| in_flight.track(f)).await;
                     tracing::debug!(peer = %peer, "connection closed");
                     drop(permit);
                 });
@@ -270,7 +259,7 @@ pub async fn run(
     // moment to write the last responses, and abort the rest.
     if result.is_ok() {
         let deadline = tokio::time::Instant::now() + config.shutdown_grace();
-        while in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        while in_flight.count() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(DRAIN_POLL).await;
         }
         tokio::time::sleep(DRAIN_POLL).await;
