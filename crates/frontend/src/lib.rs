@@ -225,6 +225,11 @@ pub async fn run_with_doors(
             in_flight = in_flight.count(),
             "grace period over; aborting requests still in flight"
         );
+    } else {
+        // A finished request's response may still wait in its connection's buffer (a
+        // flush that returned Pending): give the connections a moment to write it, as the
+        // storage node does.
+        tokio::time::sleep(DRAIN_POLL).await;
     }
     debug!(open = conns.len(), "closing connections");
     conns.abort_all();
