@@ -259,9 +259,9 @@ impl IdlePoller {
                 .name(THREAD_NAME.into())
                 .spawn(move || match sys::pin_and_idle(cpu) {
                     Ok(()) => {
-                        let lock = sys::open_cpu_lock(&lock_path(&lock_dir, cpu))
+                        let path = lock_path(&lock_dir, cpu);
+                        let lock = sys::open_cpu_lock(&path)
                             .inspect_err(|e| {
-                                let path = lock_path(&lock_dir, cpu);
                                 warn!(cpu, path = %path.display(), error = %e, "cannot open the idle-poll lock file: this CPU's poller polls without taking turns with other walkv processes");
                             })
                             .ok();
@@ -327,7 +327,8 @@ impl IdlePoller {
         self.shared.wakes.load(SeqCst)
     }
 
-    /// Pollers holding their CPU's lock (spinning), for tests.
+    /// Pollers allowed to spin (holding their CPU's lock, or polling without one), for
+    /// tests.
     pub fn holding(&self) -> u64 {
         self.shared.holding.load(SeqCst)
     }
