@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 use walkv_shared::idle_poll::{policies_of_pollers, SCHED_IDLE};
 use walkv_tests::cluster::{ClusterOptions, TestCluster};
-use walkv_tests::process::{bin_path, wait_until};
+use walkv_tests::process::{bin_path, wait_until, NodeProcess, TestDir};
 
 /// `client bench --ops N --json` runs N operations (half reads, over a preloaded key space)
 /// with several clients sharing fewer connections, prints one JSON object with ops/s,
@@ -66,6 +66,46 @@ async fn bench_json_report_has_the_fields_and_no_errors() {
     assert!(report["writes"].as_u64().unwrap() > 0, "{report}");
     let digest = cluster.wait_converged().await;
     assert_eq!(digest.keys, 50);
+}
+
+/// Every walkv process turns transparent huge pages off for itself as it starts
+/// (`walkv_shared::memory`: mimalloc's purged 2 MiB ranges cost a zeroed huge page each on
+/// the next touch): the frontend, each storage node and a running `client bench`. The
+/// kernel reports it as `THP_enabled: 0` in the process's status, whatever the machine's
+/// setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_and_the_bench_run_without_transparent_huge_pages() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    assert_eq!(thp_enabled(cluster.frontend.pid()), Some(false), "frontend");
+    for node in &cluster.nodes {
+        assert_eq!(thp_enabled(node.process.pid()), Some(false), "{}", node.id);
+    }
+    // A bench that outlives the check; dropping it kills it.
+    let dir = TestDir::new("thp-bench");
+    let args = ["--id", "thp", "--frontend", &cluster.client_addr, "bench"]
+        .into_iter()
+        .chain(["--clients", "2", "--keys", "10", "--duration", "120"])
+        .map(String::from)
+        .collect::<Vec<_>>();
+    let mut bench = NodeProcess::spawn("bench", &bin_path("client"), &args, dir.path());
+    let off = wait_until(Duration::from_secs(10), || {
+        thp_enabled(bench.pid()) == Some(false)
+    });
+    bench.assert_alive();
+    assert!(
+        off,
+        "client bench runs with THP: {:?}",
+        thp_enabled(bench.pid())
+    );
+}
+
+/// `THP_enabled` of process `pid`'s status (`None` if the kernel does not report it).
+fn thp_enabled(pid: u32) -> Option<bool> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(|v| v.trim() != "0")
 }
 
 /// Policies of the `idle-poll` threads of process `pid`.

@@ -25,6 +25,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
     walkv_shared::telemetry::init_with_default("warn");
     let args = cli::Args::parse();
+    walkv_shared::memory::disable_transparent_huge_pages();
     // One thread is plenty for one command. The bench gets a worker per core for encoding
     // and decoding (see `BenchArgs::threads`); 1 runs it on the current-thread scheduler.
     let runtime = match &args.command {

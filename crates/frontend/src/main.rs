@@ -130,6 +130,7 @@ async fn start(config: Config) -> Result<(), String> {
 fn main() -> ExitCode {
     let args = Args::parse();
     walkv_shared::telemetry::init();
+    walkv_shared::memory::disable_transparent_huge_pages();
     let config = match load(&args) {
         Ok(c) => c,
         Err(e) => {

@@ -19,12 +19,14 @@
 //! - [`shutdown`]: the SIGINT/SIGTERM future every `main` passes to `run`.
 //! - [`runtime`]: the tokio runtime every server `main` builds (`worker_threads`).
 //! - [`idle_poll`]: keeps the CPUs awake briefly after work (`idle_poll_us`).
+//! - [`memory`]: turns transparent huge pages off for the process, first thing in `main`.
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod conn;
 pub mod error;
 pub mod idle_poll;
+pub mod memory;
 pub mod record;
 pub mod rpc;
 pub mod runtime;

@@ -183,6 +183,7 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     walkv_shared::telemetry::init();
+    walkv_shared::memory::disable_transparent_huge_pages();
     if let Some(Command::Wal(cmd)) = &cli.command {
         return match walkv_shared::runtime::build(0, 0) {
             Ok(r) => r.block_on(wal_tool(cmd)),
