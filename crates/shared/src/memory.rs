@@ -6,9 +6,9 @@
 //! at a time a second after it was freed; memory it touches again can then come back as a
 //! fresh 2 MiB page, which the kernel zeroes whole before the allocation goes on. In a 5 s
 //! PUT-64 run that was 85 huge-page faults and ~2% of all CPU samples, most of them on the
-//! WAL writer's thread between two fsyncs; with THP off, none. PUT-64 was then faster in 6
-//! of 6 alternated rounds (+17%, CPU per write −16%), GET-64 the same, and a node with 1M
-//! keys 2% smaller (README, "Performance").
+//! WAL writer's thread between two fsyncs; with THP off, none. PUT-64 was then faster in
+//! alternated rounds, by 17% in a slow hour of the VM (6 of 6) and 3% in a fast one (5 of
+//! 6); GET-64 and PUT-1 the same; a node with 1M keys 2% smaller (README, "Performance").
 //!
 //! [`disable_transparent_huge_pages`] turns THP off for the calling process only
 //! (`prctl(PR_SET_THP_DISABLE)`); the machine-wide setting is not touched. mimalloc's own
