@@ -245,7 +245,7 @@ type AppendResults = Vec<(NodeId, Result<Vec<Outcome>, KvError>)>;
 type Appends<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = AppendResults> + Send + 'a>>;
 
 /// A batch whose appends are on their way to the nodes.
-struct InFlight {
+struct SentBatch {
     batch: Vec<WriteJob>,
     req: AppendRequest,
     first: Seq,
@@ -268,7 +268,7 @@ struct InFlight {
 #[derive(Default)]
 struct Pipeline<'a> {
     gate: Option<GateGuard<'a>>,
-    batches: VecDeque<InFlight>,
+    batches: VecDeque<SentBatch>,
     /// The batches' appends, in the same order as `batches`.
     results: FuturesOrdered<Appends<'a>>,
 }
@@ -339,7 +339,7 @@ impl<'a> Pipeline<'a> {
             std::task::Poll::Ready(r) => Box::pin(std::future::ready(r)) as _,
             std::task::Poll::Pending => results,
         };
-        self.batches.push_back(InFlight {
+        self.batches.push_back(SentBatch {
             batch,
             req,
             first,
@@ -353,7 +353,7 @@ impl<'a> Pipeline<'a> {
     /// failed, and commits the batch or (when it cannot) answers it and every batch behind
     /// it `Timeout`. Returns the committed batch's answers, not yet sent.
     async fn finish_oldest(&mut self, cluster: &Cluster, results: AppendResults) -> Answers {
-        let InFlight {
+        let SentBatch {
             batch,
             req,
             first,
