@@ -69,8 +69,9 @@ async fn bench_json_report_has_the_fields_and_no_errors() {
 }
 
 /// Every walkv process turns transparent huge pages off for itself as it starts
-/// (`walkv_shared::memory`: mimalloc's purged 2 MiB ranges cost a zeroed huge page each on
-/// the next touch): the frontend, each storage node and a running `client bench`. The
+/// (`walkv_shared::memory`: memory mimalloc hands back and touches again can come back as a
+/// 2 MiB page the kernel zeroes whole): the frontend, each storage node and a running
+/// `client bench`. The
 /// kernel reports it as `THP_enabled: 0` in the process's status, whatever the machine's
 /// setting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
