@@ -71,9 +71,8 @@ async fn bench_json_report_has_the_fields_and_no_errors() {
 /// Every walkv process turns transparent huge pages off for itself as it starts
 /// (`walkv_shared::memory`: memory mimalloc hands back and touches again can come back as a
 /// 2 MiB page the kernel zeroes whole): the frontend, each storage node and a running
-/// `client bench`. The
-/// kernel reports it as `THP_enabled: 0` in the process's status, whatever the machine's
-/// setting.
+/// `client bench`. The kernel reports it as `THP_enabled: 0` in the process's status,
+/// whatever the machine's setting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_and_the_bench_run_without_transparent_huge_pages() {
     let cluster = TestCluster::start(ClusterOptions::default()).await;
