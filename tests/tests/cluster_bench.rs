@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 use walkv_shared::idle_poll::{policies_of_pollers, SCHED_IDLE};
 use walkv_tests::cluster::{ClusterOptions, TestCluster};
-use walkv_tests::process::{bin_path, wait_until, NodeProcess, TestDir};
+use walkv_tests::process::{bin_path, wait_until, wait_until_async, NodeProcess, TestDir};
 
 /// `client bench --ops N --json` runs N operations (half reads, over a preloaded key space)
 /// with several clients sharing fewer connections, prints one JSON object with ops/s,
@@ -75,6 +75,13 @@ async fn bench_json_report_has_the_fields_and_no_errors() {
 /// whatever the machine's setting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_and_the_bench_run_without_transparent_huge_pages() {
+    // Children inherit the flag: with THP already off for this test, they would pass
+    // without turning it off themselves.
+    assert_eq!(
+        thp_enabled(std::process::id()),
+        Some(true),
+        "this kernel reports THP off for the test process itself, so the check would show nothing"
+    );
     let cluster = TestCluster::start(ClusterOptions::default()).await;
     assert_eq!(thp_enabled(cluster.frontend.pid()), Some(false), "frontend");
     for node in &cluster.nodes {
@@ -84,13 +91,15 @@ async fn servers_and_the_bench_run_without_transparent_huge_pages() {
     let dir = TestDir::new("thp-bench");
     let args = ["--id", "thp", "--frontend", &cluster.client_addr, "bench"]
         .into_iter()
-        .chain(["--clients", "2", "--keys", "10", "--duration", "120"])
+        .chain(["--clients", "2", "--keys", "10", "--duration", "30"])
         .map(String::from)
         .collect::<Vec<_>>();
     let mut bench = NodeProcess::spawn("bench", &bin_path("client"), &args, dir.path());
-    let off = wait_until(Duration::from_secs(10), || {
-        thp_enabled(bench.pid()) == Some(false)
-    });
+    let pid = bench.pid();
+    let off = wait_until_async(Duration::from_secs(10), || async move {
+        thp_enabled(pid) == Some(false)
+    })
+    .await;
     bench.assert_alive();
     assert!(
         off,

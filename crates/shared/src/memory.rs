@@ -6,12 +6,12 @@
 //! at a time a second after it was freed; memory it touches again can then come back as a
 //! fresh 2 MiB page, which the kernel zeroes whole before the allocation goes on. In a 5 s
 //! PUT-64 run that was 85 huge-page faults and ~2% of all CPU samples, most of them on the
-//! WAL writer's thread between two fsyncs; with THP off, none. PUT-64 was then faster in
-//! alternated rounds, by 17% in a slow hour of the VM (6 of 6) and 3% in a fast one (5 of
-//! 6); GET-64 and PUT-1 the same; a node with 1M keys 2% smaller (README, "Performance").
+//! WAL writer's thread between two fsyncs; with THP off, none. What that gained, and how
+//! it moves with the machine, is in the README ("Performance", "Memory in 4 KiB pages").
 //!
-//! [`disable_transparent_huge_pages`] turns THP off for the calling process only
-//! (`prctl(PR_SET_THP_DISABLE)`); the machine-wide setting is not touched. mimalloc's own
+//! [`disable_transparent_huge_pages`] turns THP off for this process, all its threads, and
+//! any child it would start (`prctl(PR_SET_THP_DISABLE)`; fork and exec inherit it); the
+//! machine-wide setting is not touched. mimalloc's own
 //! switch, `MIMALLOC_ALLOW_THP=0`, does the same but is read from the environment before
 //! `main` runs, so it cannot be a default of ours.
 
@@ -29,6 +29,8 @@ pub fn disable_transparent_huge_pages() {
 #[cfg(target_os = "linux")]
 mod sys {
     pub fn disable_thp() -> std::io::Result<()> {
+        // rustix documents this as "for the calling thread", but the kernel keeps the flag
+        // on the memory map that all threads share: one call covers the whole process.
         Ok(rustix::thread::disable_transparent_huge_pages(true)?)
     }
 }
