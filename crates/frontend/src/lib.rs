@@ -73,9 +73,6 @@ use walkv_shared::transport::json_transport;
 /// Largest frame on the registry listener: registrations and heartbeats are small.
 pub const REGISTRY_MAX_FRAME: usize = 1 << 20;
 
-/// How often shutdown checks whether in-flight client requests have finished.
-const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(10);
-
 /// A start-up failure, with the reason for the operator.
 #[derive(Debug, Clone)]
 pub struct StartError(pub String);
@@ -211,25 +208,12 @@ pub async fn run_with_doors(
     stop_doors(door_tasks, cluster.config.shutdown_grace()).await;
     drop(client_listener);
     drop(storage_listener);
-    let grace = cluster.config.shutdown_grace();
-    // Client connections stay open until their clients close them, so rather than wait
-    // for them, wait (at most the grace period) until no client request is in flight.
-    let drained = tokio::time::timeout(grace, async {
-        while in_flight.count() > 0 {
-            tokio::time::sleep(DRAIN_POLL).await;
-        }
-    })
-    .await;
-    if drained.is_err() {
+    let left = in_flight.drain(cluster.config.shutdown_grace()).await;
+    if left > 0 {
         warn!(
-            in_flight = in_flight.count(),
+            in_flight = left,
             "grace period over; aborting requests still in flight"
         );
-    } else {
-        // A finished request's response may still wait in its connection's buffer (a
-        // flush that returned Pending): give the connections a moment to write it, as the
-        // storage node does.
-        tokio::time::sleep(DRAIN_POLL).await;
     }
     debug!(open = conns.len(), "closing connections");
     conns.abort_all();

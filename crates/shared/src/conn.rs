@@ -12,7 +12,7 @@
 //! at once, it ends when the stream has ended and every request has finished) but first
 //! runs every request that is ready, then pumps the stream: the responses they queued go
 //! out with one flush. [`InFlight`] counts the requests that run, so that a server's
-//! shutdown can wait for them.
+//! shutdown can wait for them ([`InFlight::drain`]).
 
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
 use futures::FutureExt;
@@ -21,6 +21,11 @@ use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
+use std::time::Duration;
+
+/// How often [`InFlight::drain`] checks the count, and how long it then lets the
+/// connections write the last responses.
+const DRAIN_POLL: Duration = Duration::from_millis(10);
 
 /// A server's count of requests in flight, over all its connections. Cheap to clone: the
 /// clones share the count.
@@ -56,6 +61,24 @@ impl InFlight {
         self.0.fetch_add(1, Ordering::SeqCst);
         let counted = Counted(self.0.clone());
         request.map(move |()| drop(counted))
+    }
+
+    /// Shutdown's wait: until no request is in flight, for at most `grace`; then, once
+    /// drained, one more moment, because a finished request's response may still wait in
+    /// its connection's buffer (a flush that returned `Pending`). Returns how many requests
+    /// are still in flight (0 = drained); the caller aborts the connections after it.
+    /// Connections never end on their own (the peers keep them open), so this is what a
+    /// server waits on instead of its connection tasks.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        let left = self.count();
+        if left == 0 {
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        left
     }
 }
 
@@ -114,6 +137,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::task::{Context, Poll};
+    use std::time::Duration;
     use tarpc::server::{BaseChannel, Channel};
     use tarpc::transport::channel::UnboundedChannel;
     use tarpc::{context, ClientMessage, Response};
@@ -288,6 +312,31 @@ mod tests {
             in_flight.count(),
             0,
             "a finished request is no longer in flight"
+        );
+    }
+
+    #[tokio::test]
+    async fn drain_waits_for_requests_in_flight_until_the_grace_period_ends() {
+        let in_flight = InFlight::new();
+        assert_eq!(in_flight.drain(Duration::from_secs(5)).await, 0);
+
+        let gate = Arc::new(Semaphore::new(0));
+        for _ in 0..2 {
+            let gate = gate.clone();
+            tokio::spawn(in_flight.track(async move {
+                let _ = gate.acquire().await;
+            }));
+        }
+        assert_eq!(
+            in_flight.drain(Duration::from_millis(30)).await,
+            2,
+            "requests that have not finished are still in flight after the grace period"
+        );
+        gate.add_permits(2);
+        assert_eq!(
+            in_flight.drain(Duration::from_secs(5)).await,
+            0,
+            "requests that finish during the grace period are drained"
         );
     }
 }

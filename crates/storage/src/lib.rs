@@ -56,10 +56,6 @@ use walkv_shared::conn::{serve_requests, InFlight, MAX_IN_FLIGHT_PER_CONN};
 use walkv_shared::rpc::Storage;
 use walkv_shared::{transport, NodeId};
 
-/// How often shutdown checks whether in-flight requests have finished, and how long it
-/// then lets tarpc flush their responses.
-const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(20);
-
 /// Why the node stopped, mapped to exit codes by `main`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunError {
@@ -254,15 +250,15 @@ pub async fn run(
         ),
         Err(e) => error!(error = %e, "stopping the node"),
     }
-    // In-flight requests get the grace period. Connections never end on their own (the
-    // peer keeps them open), so wait for the in-flight count to reach zero, give tarpc a
-    // moment to write the last responses, and abort the rest.
+    // In-flight requests get the grace period; the rest are aborted with the connections.
     if result.is_ok() {
-        let deadline = tokio::time::Instant::now() + config.shutdown_grace();
-        while in_flight.count() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(DRAIN_POLL).await;
+        let left = in_flight.drain(config.shutdown_grace()).await;
+        if left > 0 {
+            warn!(
+                in_flight = left,
+                "grace period over; aborting requests still in flight"
+            );
         }
-        tokio::time::sleep(DRAIN_POLL).await;
     }
     conns.abort_all();
     while conns.join_next().await.is_some() {}
