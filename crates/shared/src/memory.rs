@@ -7,7 +7,7 @@
 //! fresh 2 MiB page, which the kernel zeroes whole before the allocation goes on. In a 5 s
 //! PUT-64 run that was 85 huge-page faults and ~2% of all CPU samples, most of them on the
 //! WAL writer's thread between two fsyncs; with THP off, none. What that gained, and how
-//! it moves with the machine, is in the README ("Performance", "Memory in 4 KiB pages").
+//! it moves with the machine, is in docs/PERFORMANCE.md ("Memory in 4 KiB pages").
 //!
 //! [`disable_transparent_huge_pages`] turns THP off for this process, all its threads, and
 //! any child it would start (`prctl(PR_SET_THP_DISABLE)`; fork and exec inherit it); the

@@ -3,8 +3,8 @@
 //! `0` means tokio's default, one worker per core: right for a process that has a machine to
 //! itself. When several walkv servers share a few cores (the quick-start cluster runs a
 //! frontend and three storage nodes on one host), fewer workers per process means fewer
-//! cross-thread wake-ups per request, which on a 2-core machine measured faster (README,
-//! "Performance").
+//! cross-thread wake-ups per request, which on a 2-core machine measured faster
+//! (docs/PERFORMANCE.md, "Few threads, little allocation").
 //!
 //! One worker is built as tokio's current-thread scheduler on the calling thread rather than
 //! a one-worker multi-threaded pool: the same single thread of execution, without the work-
