@@ -20,7 +20,7 @@ use crate::read_batch::ReadBatcher;
 use crate::sequencer::WriteJob;
 use crate::state::StateFile;
 use crate::watch::ChangeLog;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, MutexGuard};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, warn};
@@ -45,6 +45,9 @@ pub struct Cluster {
     pub writes: mpsc::Sender<WriteJob>,
     /// Recently committed changes for watchers (published by the sequencer).
     pub changes: ChangeLog,
+    /// `--unsafe-recover`, until the first recovery of this process has served (see
+    /// [`Cluster::disarm_unsafe_recover`]).
+    unsafe_recover: AtomicBool,
     state_file: Arc<StateFile>,
 }
 
@@ -61,6 +64,7 @@ impl Cluster {
             config.rpc_timeout(),
         ));
         Cluster {
+            unsafe_recover: AtomicBool::new(config.unsafe_recover),
             config,
             membership: std::sync::Mutex::new(membership),
             gate: Gate::default(),
@@ -79,6 +83,21 @@ impl Cluster {
         // holding the guard cannot leave it half-updated in a way that matters more than
         // stopping the whole frontend would.
         self.membership.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a recovery may take a node outside the last in-sync set as the truth.
+    pub fn unsafe_recover_armed(&self) -> bool {
+        self.unsafe_recover.load(Ordering::SeqCst)
+    }
+
+    /// Ends `--unsafe-recover` once a recovery has served; returns whether it was on.
+    ///
+    /// The operator's flag answers one situation, the one at this start: every node of the
+    /// last in-sync set is gone for good. A later recovery of the same process (the new
+    /// in-sync set failing while it runs) waits for its members again instead of adopting
+    /// whatever registers first.
+    pub fn disarm_unsafe_recover(&self) -> bool {
+        self.unsafe_recover.swap(false, Ordering::SeqCst)
     }
 
     /// The commit index.

@@ -82,6 +82,8 @@ pub struct Config {
     pub unsafe_read_any_node: bool,
     /// Command line only (`--unsafe-recover`): when no member of the last in-sync set can be
     /// reached, take the most up-to-date reachable node as the truth. Never read from a file.
+    /// It applies to the first recovery of the process only (see
+    /// `Cluster::disarm_unsafe_recover`).
     #[serde(skip)]
     pub unsafe_recover: bool,
 }

@@ -178,7 +178,7 @@ fn decide(cluster: &Cluster, grace: &mut Grace, fresh: Option<Vec<Candidate>>) -
             .collect()
     });
     let relevant = registered.iter().any(|c| m.state.isr.contains(&c.id))
-        || (m.state.isr.is_empty() || cluster.config.unsafe_recover) && !registered.is_empty();
+        || (m.state.isr.is_empty() || cluster.unsafe_recover_armed()) && !registered.is_empty();
     if relevant && grace.since.is_none() {
         grace.since = Some(Instant::now());
     }
@@ -190,7 +190,7 @@ fn decide(cluster: &Cluster, grace: &mut Grace, fresh: Option<Vec<Candidate>>) -
         isr: &m.state.isr,
         registered: &registered,
         grace_over,
-        unsafe_recover: cluster.config.unsafe_recover,
+        unsafe_recover: cluster.unsafe_recover_armed(),
     };
     match decide_recovery(&input) {
         Decision::Wait { reason } => {
@@ -285,5 +285,12 @@ async fn execute(cluster: &Cluster, plan: Plan) -> Result<(), KvError> {
         isr = %join_ids(isr.iter()),
         "recovery decided: serving"
     );
+    if cluster.disarm_unsafe_recover() {
+        if plan.unsafe_loss.is_some() {
+            warn!("--unsafe-recover is now off: a later recovery of this frontend waits for members of the in-sync set again");
+        } else {
+            info!("--unsafe-recover was not needed (a member of the last in-sync set registered) and is now off");
+        }
+    }
     Ok(())
 }

@@ -56,7 +56,8 @@ struct Args {
     resp_listen: Option<String>,
     /// DANGEROUS: if no member of the last in-sync set can be reached, take the most
     /// up-to-date reachable storage node as the truth. Acknowledged writes it lacks are lost;
-    /// the seq range is logged at error level.
+    /// the seq range is logged at error level. Applies to the recovery at this start only:
+    /// once the frontend serves, a later recovery waits for in-sync nodes again.
     #[arg(long)]
     unsafe_recover: bool,
 }

@@ -998,6 +998,50 @@ async fn restart_truncates_divergent_tail_and_refuses_without_isr_member() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_recover_covers_only_the_first_recovery() {
+    // Started with --unsafe-recover on a fresh cluster: the first recovery spends it.
+    let dir = tempfile::tempdir().unwrap();
+    let data_a: Arc<Mutex<Data>> = Default::default();
+    let data_b: Arc<Mutex<Data>> = Default::default();
+    let mut cfg = config(dir.path());
+    cfg.unsafe_recover = true;
+    let grace = Duration::from_millis(cfg.recovery_grace_ms);
+    let fe = start_frontend(cfg).await;
+    let a = start_fake("a", fe.registry.clone(), data_a.clone()).await;
+    let b = start_fake("b", fe.registry.clone(), data_b.clone()).await;
+    fe.wait_in_sync(2).await;
+    fe.put("w", 1, "k", "v").await.unwrap();
+    // a fails and leaves the in-sync set; a write commits on b alone.
+    a.failing.store(true, Ordering::SeqCst);
+    fe.put_retrying("w", 2, "late", "v").await;
+    // b dies too: the in-sync set stays {b} and this same process starts a recovery.
+    kill(&a);
+    kill(&b);
+    fe.wait_until("a recovery", |st| !st.available).await;
+    // a comes back without "late". Only a non-member is reachable, so the frontend must
+    // wait for b as it would without the flag, past the grace period and well beyond.
+    let _a2 = start_fake("a", fe.registry.clone(), data_a.clone()).await;
+    fe.wait_until("a registered, b missing", |st| {
+        st.state.contains("(b)") && st.state.contains("reachable (a)")
+    })
+    .await;
+    let watch_until = Instant::now() + grace * 5;
+    while Instant::now() < watch_until {
+        let st = fe.status().await;
+        assert!(
+            !st.available,
+            "a later recovery adopted a node outside the in-sync set: {st:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // b returns: service resumes with every acknowledged write.
+    let _b2 = start_fake("b", fe.registry.clone(), data_b.clone()).await;
+    fe.wait_in_sync(2).await;
+    assert_eq!(fe.get("late").await.unwrap().value, "v");
+    fe.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_frontend_on_same_dir_refuses() {
     let dir = tempfile::tempdir().unwrap();
     let fe = start_frontend(config(dir.path())).await;
