@@ -7,6 +7,12 @@
 //! scan, the node's `applied` seq) tells, and the frontend answers only once the commit
 //! index reaches it. Catching-up nodes are never asked.
 //!
+//! A not yet committed record can also be discarded: when a recovery takes a node that
+//! never got it as the truth, the next epoch writes another record at its seq, and the
+//! commit index passes that seq all the same. So an answer that reflected a record above
+//! the commit index the read began with counts only if the commit index reached it in the
+//! epoch the read began in; after a recovery the read starts over (see [`vouched`]).
+//!
 //! Every step is bounded by the request deadline (`request_timeout_ms`): a node that
 //! cannot reach `min_seq` (it left the ISR meanwhile) times out and the next member is
 //! tried; waiting for a commit that never comes ends in `Timeout`.
@@ -15,7 +21,49 @@ use crate::cluster::Cluster;
 use std::time::Instant;
 use tracing::debug;
 use walkv_shared::types::{KeyValue, Versioned};
-use walkv_shared::{KvError, NodeId, Seq};
+use walkv_shared::{Epoch, KvError, NodeId, Seq};
+
+/// Where a read began: the commit index the node is asked to reach, and the epoch (which
+/// every recovery raises).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ReadStart {
+    commit: Seq,
+    epoch: Epoch,
+}
+
+/// Whether a node's answer, which reflects its log up to `seen`, is committed, given that
+/// the commit index has reached `seen` and the epoch is now `now`.
+///
+/// Up to the commit index the read began with, it was committed before the read began.
+/// Above it, the answer reflected a record in flight: one epoch assigns each seq once, so
+/// in the read's own epoch the record committed at `seen` is the one the node answered
+/// with; after a recovery it may be another record at the same seq.
+fn vouched(start: ReadStart, seen: Seq, now: Epoch) -> bool {
+    seen <= start.commit || now == start.epoch
+}
+
+/// How a read attempt ended.
+enum Attempt<T> {
+    /// The answer, committed.
+    Done(T),
+    /// A recovery ran while the read waited for its answer to commit: read again.
+    Again,
+}
+
+/// Waits until the node's answer (reflecting its log up to `seen`) is committed; `false`
+/// when a recovery since the read began makes it unusable.
+async fn settle(
+    cluster: &Cluster,
+    start: ReadStart,
+    seen: Seq,
+    deadline: Instant,
+) -> Result<bool, KvError> {
+    if seen <= start.commit {
+        return Ok(true);
+    }
+    wait_commit(cluster, seen, deadline).await?;
+    Ok(vouched(start, seen, cluster.m().state.epoch))
+}
 
 /// Waits until the commit index reaches `seq`, or the deadline.
 async fn wait_commit(cluster: &Cluster, seq: Seq, deadline: Instant) -> Result<(), KvError> {
@@ -41,8 +89,10 @@ async fn wait_commit_slow(cluster: &Cluster, seq: Seq, deadline: Instant) -> Res
     }
 }
 
-/// The members to try, or `Unavailable`.
-fn members(cluster: &Cluster) -> Result<Vec<NodeId>, KvError> {
+/// The members to try and where the read begins, or `Unavailable`.
+fn begin(cluster: &Cluster) -> Result<(Vec<NodeId>, ReadStart), KvError> {
+    // The commit index first: any epoch read after it is at least the one it belongs to.
+    let commit = cluster.commit();
     let mut m = cluster.m();
     m.check_available(cluster.config.min_insync)?;
     let order = m.read_order();
@@ -51,7 +101,34 @@ fn members(cluster: &Cluster) -> Result<Vec<NodeId>, KvError> {
             "no in-sync storage node is registered".into(),
         ));
     }
-    Ok(order)
+    let start = ReadStart {
+        commit,
+        epoch: m.state.epoch,
+    };
+    Ok((order, start))
+}
+
+/// Runs read attempts until one is done, within the deadline.
+async fn until_done<T, F, Fut>(deadline: Instant, mut attempt: F) -> Result<T, KvError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Attempt<T>, KvError>>,
+{
+    loop {
+        match attempt().await? {
+            Attempt::Done(v) => return Ok(v),
+            Attempt::Again if Instant::now() < deadline => {
+                debug!(
+                    "a recovery ran while a read waited for its answer to commit; reading again"
+                );
+            }
+            Attempt::Again => {
+                return Err(KvError::Timeout(
+                    "a recovery ran while the read waited for its answer to commit".into(),
+                ))
+            }
+        }
+    }
 }
 
 /// Reads one key.
@@ -61,16 +138,30 @@ pub async fn get(cluster: &Cluster, key: String) -> Result<Versioned, KvError> {
         // Boxed: a direct tarpc call's state would otherwise enlarge every get's future.
         return Box::pin(get_from_any_node(cluster, key, deadline)).await;
     }
-    let commit = cluster.commit();
+    until_done(deadline, || get_once(cluster, &key, deadline))
+        .await?
+        .ok_or(KvError::NotFound)
+}
+
+async fn get_once(
+    cluster: &Cluster,
+    key: &str,
+    deadline: Instant,
+) -> Result<Attempt<Option<Versioned>>, KvError> {
+    let (members, start) = begin(cluster)?;
     let mut last_err = None;
-    for id in members(cluster)? {
+    for id in members {
         let read = cluster
             .reads
-            .read(&cluster.pool, &id, key.clone(), commit, deadline);
+            .read(&cluster.pool, &id, key.to_string(), start.commit, deadline);
         match read.await {
             Ok(reply) => {
-                wait_commit(cluster, reply.last_touch, deadline).await?;
-                return reply.value.ok_or(KvError::NotFound);
+                return Ok(
+                    match settle(cluster, start, reply.last_touch, deadline).await? {
+                        true => Attempt::Done(reply.value),
+                        false => Attempt::Again,
+                    },
+                );
             }
             Err(e) => {
                 debug!(node = %id, error = %e, "read failed; trying another in-sync node");
@@ -108,17 +199,30 @@ async fn get_from_any_node(
 /// Scans a prefix.
 pub async fn scan(cluster: &Cluster, prefix: String, limit: u32) -> Result<Vec<KeyValue>, KvError> {
     let deadline = Instant::now() + cluster.config.request_timeout();
-    let commit = cluster.commit();
+    until_done(deadline, || scan_once(cluster, &prefix, limit, deadline)).await
+}
+
+async fn scan_once(
+    cluster: &Cluster,
+    prefix: &str,
+    limit: u32,
+    deadline: Instant,
+) -> Result<Attempt<Vec<KeyValue>>, KvError> {
+    let (members, start) = begin(cluster)?;
     let mut last_err = None;
-    for id in members(cluster)? {
+    for id in members {
         match cluster
             .pool
-            .scan(&id, prefix.clone(), limit, commit, deadline)
+            .scan(&id, prefix.to_string(), limit, start.commit, deadline)
             .await
         {
             Ok(reply) => {
-                wait_commit(cluster, reply.applied, deadline).await?;
-                return Ok(reply.items);
+                return Ok(
+                    match settle(cluster, start, reply.applied, deadline).await? {
+                        true => Attempt::Done(reply.items),
+                        false => Attempt::Again,
+                    },
+                );
             }
             Err(e) => {
                 debug!(node = %id, error = %e, "scan failed; trying another in-sync node");
@@ -136,5 +240,31 @@ fn unreachable(last: Option<KvError>) -> KvError {
     match last {
         Some(e) => KvError::Unavailable(format!("no in-sync storage node answered: {e}")),
         None => KvError::Unavailable("no in-sync storage node answered".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{vouched, ReadStart};
+    use walkv_shared::{Epoch, Seq};
+
+    const START: ReadStart = ReadStart {
+        commit: Seq(10),
+        epoch: Epoch(3),
+    };
+
+    #[test]
+    fn an_answer_committed_before_the_read_began_stands_across_recoveries() {
+        assert!(vouched(START, Seq(10), Epoch(3)));
+        assert!(vouched(START, Seq(7), Epoch(4)));
+        assert!(vouched(START, Seq(10), Epoch(9)));
+    }
+
+    #[test]
+    fn an_answer_from_a_record_in_flight_stands_only_in_the_epoch_the_read_began_in() {
+        assert!(vouched(START, Seq(11), Epoch(3)));
+        // After a recovery the record at seq 11 may be another one: read again.
+        assert!(!vouched(START, Seq(11), Epoch(4)));
+        assert!(!vouched(START, Seq(12), Epoch(5)));
     }
 }

@@ -131,6 +131,9 @@ struct Fake {
     hold_from: Arc<watch::Sender<u64>>,
     /// Appends waiting on `hold_from` right now.
     appends_held: Arc<watch::Sender<usize>>,
+    /// Appends whose first seq is at least this are written (and readable), but their
+    /// answer waits until it is raised past it (delayed on its way back); `u64::MAX`: none.
+    answer_held_from: Arc<watch::Sender<u64>>,
     /// The append whose first seq is this is written, but answered `Unavailable` (its
     /// answer lost on the way back); `u64::MAX`: none.
     lose_answer_of: Arc<std::sync::atomic::AtomicU64>,
@@ -197,6 +200,40 @@ impl Fake {
         d.snap = Some(Box::new(st));
         d.log.clear();
     }
+
+    /// Writes an append that arrived in order (fencing, exactly-once, gaps), under the
+    /// data lock, and wakes appends waiting for it.
+    fn write_append(&self, req: AppendRequest) -> Result<Vec<Outcome>, KvError> {
+        let mut d = self.data.lock().unwrap();
+        self.land_queued(&mut d);
+        self.fence(&mut d, req.epoch)?;
+        if self.queue_next_append.swap(false, Ordering::SeqCst) {
+            d.queued = Some(req.records.into_vec());
+            return Err(KvError::Unavailable(
+                "append queued behind a slow write (deadline passed)".into(),
+            ));
+        }
+        let mut st = d.state();
+        let mut outs = Vec::new();
+        for r in req.records.into_vec() {
+            if r.seq <= d.pos().seq {
+                outs.push(Outcome::Written { version: r.seq });
+                continue;
+            }
+            if r.seq != d.pos().seq.next() {
+                return Err(KvError::Gap {
+                    expected: d.pos().seq.next(),
+                });
+            }
+            outs.push(st.apply(&r));
+            d.log.push(r);
+        }
+        let end = d.pos().seq.0;
+        // Not under the data lock: a waiting append reads the data while it checks.
+        drop(d);
+        self.appended.send_replace(end);
+        Ok(outs)
+    }
 }
 
 impl Storage for Fake {
@@ -230,37 +267,13 @@ impl Storage for Fake {
             let arrived = appended.wait_for(|_| self.data.lock().unwrap().pos().seq.0 >= before);
             let _ = tokio::time::timeout(WAIT, arrived).await;
         }
-        let mut d = self.data.lock().unwrap();
-        self.land_queued(&mut d);
-        self.fence(&mut d, req.epoch)?;
-        if self.queue_next_append.swap(false, Ordering::SeqCst) {
-            d.queued = Some(req.records.into_vec());
-            return Err(KvError::Unavailable(
-                "append queued behind a slow write (deadline passed)".into(),
-            ));
+        let first = req.records.first().map(|r| r.seq.0);
+        let outs = self.write_append(req)?;
+        if let Some(first) = first {
+            let mut held = self.answer_held_from.subscribe();
+            let _ = held.wait_for(|from| first < *from).await;
         }
-        let lose_answer = req.records.first().map(|r| r.seq.0)
-            == Some(self.lose_answer_of.load(Ordering::SeqCst));
-        let mut st = d.state();
-        let mut outs = Vec::new();
-        for r in req.records.into_vec() {
-            if r.seq <= d.pos().seq {
-                outs.push(Outcome::Written { version: r.seq });
-                continue;
-            }
-            if r.seq != d.pos().seq.next() {
-                return Err(KvError::Gap {
-                    expected: d.pos().seq.next(),
-                });
-            }
-            outs.push(st.apply(&r));
-            d.log.push(r);
-        }
-        let end = d.pos().seq.0;
-        // Not under the data lock: a waiting append reads the data while it checks.
-        drop(d);
-        self.appended.send_replace(end);
-        if lose_answer {
+        if first == Some(self.lose_answer_of.load(Ordering::SeqCst)) {
             return Err(KvError::Unavailable("answer lost".into()));
         }
         Ok(outs)
@@ -297,11 +310,12 @@ impl Storage for Fake {
         keys: Vec<String>,
         min_seq: Seq,
     ) -> Result<Vec<ReadReply>, KvError> {
-        self.read_many_calls.fetch_add(1, Ordering::SeqCst);
         let mut replies = Vec::new();
         for key in keys.into_iter().take(FAKE_READ_MANY_MAX) {
             replies.push(self.clone().read(ctx, token.clone(), key, min_seq).await?);
         }
+        // Counted once answered: a test that then takes the node down knows the answer left.
+        self.read_many_calls.fetch_add(1, Ordering::SeqCst);
         Ok(replies)
     }
     async fn scan(
@@ -484,6 +498,7 @@ async fn start_fake(name: &str, registry: String, data: Arc<Mutex<Data>>) -> Fak
         read_many_calls: Arc::default(),
         hold_from: Arc::new(watch::Sender::new(u64::MAX)),
         appends_held: Arc::new(watch::Sender::new(0)),
+        answer_held_from: Arc::new(watch::Sender::new(u64::MAX)),
         appended: Arc::new(watch::Sender::new(0)),
         lose_answer_of: Arc::new(u64::MAX.into()),
     };
@@ -995,6 +1010,76 @@ async fn restart_truncates_divergent_tail_and_refuses_without_isr_member() {
     assert_eq!(fe.get("only-b").await.unwrap().value, "v");
     assert_eq!(fe.get("lost").await, Err(KvError::NotFound));
     fe.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_never_returns_a_record_that_a_recovery_discarded() {
+    // a writes x but its answer is delayed, and b never writes x: x is not committed, yet a
+    // read that a answers sees it. A recovery then takes b as the truth and the next
+    // epoch writes another record at x's seq, so the commit index passes that seq: the
+    // read waiting for it must not return x.
+    let dir = tempfile::tempdir().unwrap();
+    let fe = Arc::new(
+        start_frontend(Config {
+            request_timeout_ms: 15_000,
+            ..config(dir.path())
+        })
+        .await,
+    );
+    let a = start_fake("a", fe.registry.clone(), Default::default()).await;
+    let b = start_fake("b", fe.registry.clone(), Default::default()).await;
+    fe.wait_in_sync(2).await;
+    let v0 = fe.put("c0", 1, "k0", "v").await.unwrap().version;
+    let x_seq = v0.0 + 1;
+    b.hold_from.send_replace(x_seq);
+    a.answer_held_from.send_replace(x_seq);
+    let x = tokio::spawn({
+        let fe = fe.clone();
+        async move { fe.put("cx", 1, "kx", "x").await }
+    });
+    let deadline = Instant::now() + WAIT;
+    while a.data.lock().unwrap().pos().seq.0 < x_seq {
+        assert!(Instant::now() < deadline, "a never wrote x");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Two reads of kx: members are taken in turn, so one asks a (which answers with x, not
+    // committed: its read waits) and the other b.
+    let reads: Vec<_> = (0..2)
+        .map(|_| {
+            let fe = fe.clone();
+            tokio::spawn(async move { fe.get("kx").await })
+        })
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    while a.read_many_calls.load(Ordering::SeqCst) == 0
+        || b.read_many_calls.load(Ordering::SeqCst) == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the reads never reached both nodes"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // a dies; x's appends time out on both nodes; recovery takes b (no x) as the truth.
+    let epoch = fe.status().await.epoch;
+    kill(&a);
+    let x = answer(x).await;
+    assert!(matches!(x, Err(KvError::Timeout(_))), "x: {x:?}");
+    fe.wait_until("serving again", |st| st.available && st.epoch > epoch)
+        .await;
+    b.hold_from.send_replace(u64::MAX);
+    // The next write takes x's seq and commits.
+    let z = fe.put_retrying("cz", 1, "kz", "z").await;
+    assert_eq!(z.version, Seq(x_seq), "the new epoch wrote at x's seq");
+    for read in reads {
+        let got = tokio::time::timeout(WAIT, read).await.unwrap().unwrap();
+        assert_eq!(
+            got,
+            Err(KvError::NotFound),
+            "a read returned a discarded record"
+        );
+    }
+    assert_eq!(fe.get("kx").await, Err(KvError::NotFound));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
