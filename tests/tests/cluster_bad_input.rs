@@ -37,6 +37,40 @@ async fn limits_are_typed_errors() {
     assert_eq!(c.get("k").await.unwrap().value, "fine");
 }
 
+/// Values of control characters, which JSON writes in 6 bytes each, written at once: each
+/// is within the limits, so each is accepted, and the batches they share fit the storage
+/// nodes' frame limit (a too-large append made every node drop the connection, the frontend
+/// start a recovery, and retries repeat it). The in-sync set and the epoch never change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_that_escape_six_fold_replicate_without_a_recovery() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    cluster.wait_in_sync(3).await;
+    let before = cluster.status().await.expect("status").epoch;
+    let value: String = "\u{1}".repeat(1_000_000);
+    let mut writers = tokio::task::JoinSet::new();
+    for i in 0..4 {
+        let mut c = cluster.client(&format!("escape{i}")).await;
+        let value = value.clone();
+        writers.spawn(async move { (i, c.put(&format!("ctl{i}"), &value).await) });
+    }
+    while let Some(done) = writers.join_next().await {
+        let (i, put) = done.unwrap();
+        assert!(put.is_ok(), "write {i}: {put:?}");
+    }
+    let st = cluster.status().await.expect("status");
+    assert_eq!(st.epoch, before, "a recovery ran: {st:?}");
+    assert!(
+        st.nodes
+            .iter()
+            .all(|n| n.role == walkv_shared::types::NodeRole::InSync),
+        "a node left the in-sync set: {st:?}"
+    );
+    let mut c = cluster.client("escape-read").await;
+    for i in 0..4 {
+        assert_eq!(c.get(&format!("ctl{i}")).await.unwrap().value, value);
+    }
+}
+
 fn send_garbage(addr: &str) {
     let payloads: [&[u8]; 4] = [
         b"\x00\x00\x00\x05hello",                         // a frame that is not JSON

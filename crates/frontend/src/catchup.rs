@@ -36,13 +36,12 @@
 
 use crate::cluster::Cluster;
 use crate::isr::join_ids;
-use crate::sequencer::{op_bytes, BATCH_MAX_BYTES};
 use crate::state::EpochStart;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
-use walkv_shared::rpc::{AppendRequest, FetchReply, SnapshotChunk};
+use walkv_shared::rpc::{append_bytes, AppendRequest, FetchReply, SnapshotChunk, BATCH_MAX_BYTES};
 use walkv_shared::types::{CatchUpProgress, LogPosition};
 use walkv_shared::{Epoch, KvError, NodeId, Record, Seq};
 
@@ -401,20 +400,24 @@ async fn copy_page(
                     at.seq.next()
                 ))));
             }
-            let n = records.len() as u64;
-            cluster
-                .pool
-                .append(
-                    id,
-                    AppendRequest {
-                        epoch,
-                        commit_seq: commit,
-                        records: records.into(),
-                    },
-                )
-                .await?;
             progress.phase = "log";
-            progress.done += n;
+            // In appends no larger than a write batch: a page is bounded by raw bytes, and
+            // escaping can make it several times larger than a node's frame limit.
+            for chunk in byte_chunks(records) {
+                let n = chunk.len() as u64;
+                cluster
+                    .pool
+                    .append(
+                        id,
+                        AppendRequest {
+                            epoch,
+                            commit_seq: commit,
+                            records: chunk.into(),
+                        },
+                    )
+                    .await?;
+                progress.done += n;
+            }
             Ok(end)
         }
         FetchReply::SnapshotNeeded { snapshot_seq, keys } => {
@@ -489,14 +492,15 @@ async fn copy_snapshot(
     }
 }
 
-/// Splits a page into appends of about [`BATCH_MAX_BYTES`] each (the same bound as the
-/// write path), so a page of large values never exceeds a storage node's frame limit.
+/// Splits a page into appends of at most [`BATCH_MAX_BYTES`] plus one record, the bound
+/// of the write path ([`append_bytes`], escaping included), so a page of large values never
+/// exceeds a storage node's frame limit.
 pub fn byte_chunks(records: Vec<Record>) -> Vec<Vec<Record>> {
     let mut chunks = Vec::new();
     let mut current = Vec::new();
     let mut bytes = 0;
     for r in records {
-        let b = op_bytes(&r.op);
+        let b = append_bytes(&r.client, &r.op);
         if !current.is_empty() && bytes + b > BATCH_MAX_BYTES {
             chunks.push(std::mem::take(&mut current));
             bytes = 0;

@@ -228,11 +228,14 @@ impl Config {
         Duration::from_millis(self.shutdown_grace_ms)
     }
 
-    /// Largest client frame accepted. Generous (4 values plus slack) so that a moderately
-    /// oversized value reaches the server and gets a typed `TooLarge` instead of a dropped
-    /// connection; anything beyond is a malformed frame and closes that connection only.
+    /// Largest client frame accepted: room for a write whose client id, key and value are
+    /// at their limits and all control characters (JSON writes each in 6 bytes), plus slack.
+    /// So a request within the limits always arrives, and a moderately oversized value
+    /// reaches the server and gets a typed `TooLarge` instead of a dropped connection;
+    /// anything beyond is a malformed frame and closes that connection only.
     pub fn client_max_frame(&self) -> usize {
-        4 * self.max_value_bytes as usize + FRAME_SLACK_BYTES
+        let strings = 2 * self.max_key_bytes as usize + self.max_value_bytes as usize;
+        walkv_shared::rpc::JSON_ESCAPE_MAX * strings + FRAME_SLACK_BYTES
     }
 }
 

@@ -34,15 +34,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
-use walkv_shared::rpc::AppendRequest;
+use walkv_shared::rpc::{append_bytes, AppendRequest, BATCH_MAX_BYTES};
 use walkv_shared::types::{Outcome, WriteRequest, WriteResult};
 use walkv_shared::{Epoch, KvError, NodeId, Record, Seq};
-
-/// Bytes of keys and values after which a batch is closed even below `batch_max`. A batch
-/// is then at most this plus one maximal value, which keeps one append frame (JSON adds
-/// some escaping and field names) well under the storage nodes' default 8 MiB frame limit,
-/// and one fsync short.
-pub const BATCH_MAX_BYTES: usize = 1 << 20;
 
 /// One queued write and where to send its answer.
 #[derive(Debug)]
@@ -82,19 +76,9 @@ pub fn outcome_result(outcome: &Outcome) -> Result<WriteResult, KvError> {
     }
 }
 
+/// What a write adds to an append frame, escaping included (see [`BATCH_MAX_BYTES`]).
 fn job_bytes(job: &WriteJob) -> usize {
-    op_bytes(&job.req.op)
-}
-
-/// Key plus value bytes of an operation: the measure behind [`BATCH_MAX_BYTES`].
-pub fn op_bytes(op: &walkv_shared::Op) -> usize {
-    op.key().len()
-        + match op {
-            walkv_shared::Op::Put { value, .. } | walkv_shared::Op::Cas { value, .. } => {
-                value.len()
-            }
-            walkv_shared::Op::Delete { .. } => 0,
-        }
+    append_bytes(&job.req.client, &job.req.op)
 }
 
 /// Runs the sequencer until shutdown; then answers whatever is still queued `Unavailable`.
@@ -490,6 +474,49 @@ mod tests {
         assert!(recs.iter().all(|r| r.epoch == Epoch(3)));
         assert_eq!(recs[1].client, "b");
         assert_eq!(recs[1].op_no, 7);
+    }
+
+    #[test]
+    fn a_batch_of_escaped_values_fits_a_storage_nodes_frame() {
+        // Values just under the limit made of control characters, which JSON writes in 6
+        // bytes each: counted by raw bytes, two shared a batch and its append frame was
+        // ~12 MiB, over the nodes' 8 MiB limit (every node dropped the connection).
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut answers = Vec::new();
+        for i in 0..8 {
+            let (reply, answer) = oneshot::channel();
+            answers.push(answer);
+            let req = WriteRequest {
+                client: format!("c{i}"),
+                op_no: 1,
+                op: WriteOp::Put {
+                    key: format!("k{i}"),
+                    value: "\u{1}".repeat(1_000_000),
+                },
+            };
+            tx.try_send(WriteJob { req, reply }).unwrap();
+        }
+        let mut frames = Vec::new();
+        while let Ok(first) = rx.try_recv() {
+            let batch = take_batch(first, &mut rx, 64);
+            let records = build_records(batch.iter().map(|j| &j.req), Seq(1), Epoch(1));
+            let append = AppendRequest {
+                epoch: Epoch(1),
+                commit_seq: Seq(0),
+                records: records.into(),
+            };
+            frames.push(serde_json::to_vec(&append).unwrap().len());
+        }
+        assert_eq!(
+            frames.len(),
+            8,
+            "each such write is a batch of its own: {frames:?}"
+        );
+        let limit = 8 << 20;
+        assert!(
+            frames.iter().all(|&f| f <= limit),
+            "append frames {frames:?} > {limit}"
+        );
     }
 
     #[test]

@@ -163,6 +163,43 @@ pub struct NodeIdentity {
 /// key), keeping its frame well below the storage nodes' default 8 MiB limit.
 pub const READ_MANY_MAX_BYTES: usize = 2 << 20;
 
+/// Most bytes JSON takes per byte of a string: a control character is written `\u00XX`.
+pub const JSON_ESCAPE_MAX: usize = 6;
+
+/// Room an append record takes besides its key, value and client id as JSON strings: field
+/// names, `seq`, `epoch`, `op_no` and a CAS's `expected` at their longest.
+pub const RECORD_FIELDS_BYTES: usize = 192;
+
+/// Bytes (as the append frame carries them, see [`append_bytes`]) after which the frontend
+/// closes a write batch even below `batch_max`. A batch is at most this plus one write, so
+/// an append frame stays under a storage node's `max_frame_bytes`, which the node checks at
+/// start against this bound and its largest key and value, escaped.
+pub const BATCH_MAX_BYTES: usize = 1 << 20;
+
+/// The length of `s` as a JSON string, quotes included, exactly as serde_json writes it:
+/// `"` and `\` take two bytes, a control character two (`\n`, `\t`, ...) or six
+/// (`\u0001`), every other byte one (non-ASCII text is written as it is).
+pub fn json_str_len(s: &str) -> usize {
+    2 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | 0x08 | 0x09 | 0x0a | 0x0c | 0x0d => 2,
+            0x00..=0x1f => JSON_ESCAPE_MAX,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
+/// Bytes a write adds to an append frame: its key, value and client id as JSON strings
+/// plus [`RECORD_FIELDS_BYTES`]. The measure behind [`BATCH_MAX_BYTES`].
+pub fn append_bytes(client: &str, op: &WriteOp) -> usize {
+    let value = match op {
+        WriteOp::Put { value, .. } | WriteOp::Cas { value, .. } => json_str_len(value),
+        WriteOp::Delete { .. } => 0,
+    };
+    RECORD_FIELDS_BYTES + json_str_len(client) + json_str_len(op.key()) + value
+}
+
 /// A batch of records to append.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AppendRequest {
@@ -336,6 +373,67 @@ pub struct Digest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_str_len_is_what_serde_json_writes() {
+        // Every ASCII byte alone, then mixed strings with multi-byte text.
+        for b in 0u8..=0x7f {
+            let s = (b as char).to_string();
+            assert_eq!(
+                json_str_len(&s),
+                serde_json::to_string(&s).unwrap().len(),
+                "byte {b:#x}"
+            );
+        }
+        let mut x: u32 = 12345;
+        for len in [0, 1, 7, 100, 1000] {
+            let s: String = (0..len)
+                .map(|_| {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    [
+                        'a', '\u{1}', '"', '\\', '\n', 'ü', '€', '\u{1f}', ' ', '\u{7f}',
+                    ][(x >> 16) as usize % 10]
+                })
+                .collect();
+            assert_eq!(
+                json_str_len(&s),
+                serde_json::to_string(&s).unwrap().len(),
+                "{s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn append_bytes_bounds_a_record_as_the_append_frame_carries_it() {
+        let worst = "\u{1}".repeat(1000);
+        for op in [
+            WriteOp::Put {
+                key: worst.clone(),
+                value: worst.clone(),
+            },
+            WriteOp::Cas {
+                key: worst.clone(),
+                value: worst.clone(),
+                expected: Seq(u64::MAX),
+            },
+            WriteOp::Delete { key: worst.clone() },
+        ] {
+            let r = Record {
+                seq: Seq(u64::MAX),
+                epoch: Epoch(u64::MAX),
+                client: worst.clone(),
+                op_no: u64::MAX,
+                op: op.clone(),
+            };
+            let written = serde_json::to_vec(&r).unwrap().len();
+            let counted = append_bytes(&r.client, &op);
+            // Never less than what is written; the slack is only the field allowance.
+            assert!(
+                written <= counted && counted - written < RECORD_FIELDS_BYTES,
+                "{written} vs {counted}"
+            );
+        }
+    }
 
     fn records() -> Vec<Record> {
         (1..=3)

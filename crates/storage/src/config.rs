@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use walkv_shared::rpc::{BATCH_MAX_BYTES, JSON_ESCAPE_MAX};
 
 /// Every setting of a storage node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,13 +153,16 @@ impl Config {
         if let Err(expected) = walkv_shared::runtime::check_idle_poll_us(self.idle_poll_us) {
             return bad("idle_poll_us", &expected);
         }
-        let needed =
-            u64::from(self.max_key_bytes) + u64::from(self.max_value_bytes) + FRAME_OVERHEAD_BYTES;
+        let needed = append_frame_needed(self.max_key_bytes, self.max_value_bytes);
         if u64::from(self.max_frame_bytes) < needed {
             return bad(
                 "max_frame_bytes",
                 &format!(
-                    "at least max_key_bytes + max_value_bytes + {FRAME_OVERHEAD_BYTES} = {needed}"
+                    "at least {needed}, the largest append the frontend sends: a batch of \
+                     {BATCH_MAX_BYTES} bytes plus one write whose client id, key and value are \
+                     all control characters, which JSON writes {JSON_ESCAPE_MAX} bytes each \
+                     ({BATCH_MAX_BYTES} + {JSON_ESCAPE_MAX} x (2 x max_key_bytes + max_value_bytes) \
+                     + {FRAME_OVERHEAD_BYTES})"
                 ),
             );
         }
@@ -195,8 +199,16 @@ impl Config {
     }
 }
 
-/// Room a frame needs besides one key and one value (JSON framing, ids, numbers).
+/// Room an append frame needs besides its records' strings (JSON framing, numbers).
 pub const FRAME_OVERHEAD_BYTES: u64 = 4096;
+
+/// The largest append frame a frontend with these limits sends: a full batch
+/// ([`BATCH_MAX_BYTES`], closed once passed) plus one write whose client id (at most
+/// `max_key_bytes`), key and value escape to [`JSON_ESCAPE_MAX`] bytes each.
+pub fn append_frame_needed(max_key_bytes: u32, max_value_bytes: u32) -> u64 {
+    let strings = 2 * u64::from(max_key_bytes) + u64::from(max_value_bytes);
+    BATCH_MAX_BYTES as u64 + JSON_ESCAPE_MAX as u64 * strings + FRAME_OVERHEAD_BYTES
+}
 
 #[cfg(test)]
 mod tests {
@@ -223,6 +235,33 @@ mod tests {
         let text = toml::to_string(&c).unwrap();
         assert_eq!(toml::from_str::<Config>(&text).unwrap(), c);
         assert!(c.fsync, "fsync must be on by default");
+    }
+
+    #[test]
+    fn the_frame_limit_must_hold_a_full_batch_of_escaped_writes() {
+        // The defaults hold the worst case: 1 MiB of batch plus a write of 1 KiB client id,
+        // 1 KiB key and 1 MiB value, all control characters.
+        assert!(append_frame_needed(1024, 1 << 20) <= u64::from(Config::default().max_frame_bytes));
+        // A 2 MiB value needs more than the default 8 MiB.
+        let c = Config {
+            id: "s1".into(),
+            max_value_bytes: 2 << 20,
+            ..Config::default()
+        };
+        let e = c.validate("f.toml").unwrap_err().0;
+        let needed = append_frame_needed(1024, 2 << 20);
+        assert!(needed > 8 << 20);
+        assert!(
+            e.contains("max_frame_bytes")
+                && e.contains(&needed.to_string())
+                && e.contains("control characters"),
+            "{e}"
+        );
+        let c = Config {
+            max_frame_bytes: needed as u32,
+            ..c
+        };
+        c.validate("f.toml").unwrap();
     }
 
     #[test]
