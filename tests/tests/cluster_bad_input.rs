@@ -161,7 +161,7 @@ async fn refusals() {
     let status = p
         .wait_exit(EXIT_TIMEOUT)
         .expect("wrong token: the node must exit");
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(1), "a refused registration exits 1");
     assert!(
         p.log_tail(20).to_lowercase().contains("token"),
         "{}",
@@ -178,7 +178,7 @@ async fn refusals() {
     let status = p
         .wait_exit(EXIT_TIMEOUT)
         .expect("duplicate live id: the node must exit");
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(1), "a refused registration exits 1");
     assert!(p.log_tail(20).contains("s1"), "{}", p.log_tail(20));
 
     let mut p = spawn_storage(&cluster, "samedir", "s7", &good, &cluster.nodes[0].data_dir);

@@ -22,7 +22,8 @@
 //! writer thread, serves connections on the given listener and registers with the
 //! frontend. It returns when the shutdown future resolves (graceful: stop accepting,
 //! finish in-flight requests within `shutdown_grace_ms`, close the writer), or as soon as
-//! the node hits a disk error ([`RunError::Fatal`]) or the frontend refuses it.
+//! the node hits a disk error ([`RunError::Fatal`]) or the frontend refuses it
+//! ([`RunError::Refused`]).
 
 pub mod config;
 pub mod metrics;
@@ -59,9 +60,11 @@ use walkv_shared::{transport, NodeId};
 /// Why the node stopped, mapped to exit codes by `main`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunError {
-    /// The node could not start: data directory locked, corrupt, unreadable. Exit 1.
+    /// The node could not start or was not let in: data directory locked, corrupt,
+    /// unreadable, or its registration refused by the frontend (wrong token, an id that is
+    /// live or retired). Exit 1.
     Refused(String),
-    /// A disk error or a refused registration stopped a running node. Exit 3.
+    /// A disk error stopped a running node. Exit 3.
     Fatal(String),
 }
 
@@ -215,7 +218,7 @@ pub async fn run(
         let permit = tokio::select! {
             _ = &mut shutdown => break Ok(()),
             _ = fatal.wait_for(|f| f.is_some()) => break Err(RunError::Fatal(node.state.failure().unwrap_or_default())),
-            why = &mut registration => break Err(RunError::Fatal(why.unwrap_or_else(|e| format!("registration task failed: {e}")))),
+            why = &mut registration => break Err(RunError::Refused(why.unwrap_or_else(|e| format!("registration task failed: {e}")))),
             p = limit.clone().acquire_owned() => p,
         };
         let Ok(permit) = permit else { break Ok(()) };
@@ -223,7 +226,7 @@ pub async fn run(
             _ = &mut shutdown => break Ok(()),
             _ = fatal.wait_for(|f| f.is_some()) => break Err(RunError::Fatal(node.state.failure().unwrap_or_default())),
             // A refused registration must stop the node even while it waits for a connection.
-            why = &mut registration => break Err(RunError::Fatal(why.unwrap_or_else(|e| format!("registration task failed: {e}")))),
+            why = &mut registration => break Err(RunError::Refused(why.unwrap_or_else(|e| format!("registration task failed: {e}")))),
             a = listener.accept() => a,
         };
         match accepted {
