@@ -463,6 +463,7 @@ mod tests {
                 seq: Seq(5),
             },
             snapshot_seq: Seq(0),
+            highest_epoch: Some(Epoch(1)),
         }
     }
 

@@ -528,8 +528,11 @@ async fn start_fake(name: &str, registry: String, data: Arc<Mutex<Data>>) -> Fak
                 continue;
             };
             let client = RegistryClient::new(Default::default(), t).spawn();
-            let pos = me.data.lock().unwrap().pos();
-            let snapshot_seq = me.data.lock().unwrap().snap_seq;
+            let (pos, snapshot_seq, highest_epoch) = {
+                let d = me.data.lock().unwrap();
+                // As a real node: the `epoch` file, or the last record's epoch if higher.
+                (d.pos(), d.snap_seq, d.epoch_seen.max(d.pos().epoch))
+            };
             let req = RegisterRequest {
                 token: TOKEN.into(),
                 id: me.id.clone(),
@@ -537,6 +540,7 @@ async fn start_fake(name: &str, registry: String, data: Arc<Mutex<Data>>) -> Fak
                 instance: me.instance,
                 pos,
                 snapshot_seq,
+                highest_epoch: Some(highest_epoch),
             };
             let Ok(Ok(reply)) = client
                 .register(context_with_timeout(Duration::from_secs(2)), req)
@@ -1166,6 +1170,7 @@ async fn wrong_token_duplicate_id_and_removed_id_are_refused() {
         instance,
         pos: LogPosition::default(),
         snapshot_seq: Seq(0),
+        highest_epoch: None,
     };
     let r = reg.register(ctx(), req("bad", "x", 1)).await.unwrap();
     assert!(matches!(r, Err(KvError::Unauthorized(m)) if m.contains("token")));

@@ -114,6 +114,14 @@ pub struct RegisterRequest {
     pub pos: LogPosition,
     /// Seq covered by the node's newest snapshot.
     pub snapshot_seq: Seq,
+    /// The highest epoch persisted in the node's data dir (its `epoch` file, or its last
+    /// record's epoch if higher). `Some(Epoch(0))`: the node started on an empty data dir.
+    /// A frontend fences or sends records to a node before it counts it as in sync, which
+    /// persists its epoch, so an in-sync node reporting 0 has lost its disk and cannot vouch
+    /// for acknowledged writes. `None` (absent on the wire): a storage binary that predates
+    /// this field; the frontend then cannot tell, and trusts it as before.
+    #[serde(default)]
+    pub highest_epoch: Option<Epoch>,
 }
 
 /// The frontend's answer to a registration.
@@ -468,5 +476,22 @@ mod tests {
         assert_eq!(back.into_vec(), records());
         drop(batch);
         assert_eq!(copy.into_vec(), records(), "last handle gives its records");
+    }
+
+    /// A registration from a storage binary without `highest_epoch` still decodes (as
+    /// `None`, "cannot tell"), and the field round-trips when present.
+    #[test]
+    fn registration_without_highest_epoch_still_decodes() {
+        let old = r#"{"token":"t","id":"a","addr":"127.0.0.1:1","instance":7,
+            "pos":{"epoch":3,"seq":9},"snapshot_seq":0}"#;
+        let req: RegisterRequest = serde_json::from_str(old).unwrap();
+        assert_eq!(req.highest_epoch, None);
+        let new = RegisterRequest {
+            highest_epoch: Some(Epoch(0)),
+            ..req
+        };
+        let back: RegisterRequest =
+            serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back.highest_epoch, Some(Epoch(0)));
     }
 }

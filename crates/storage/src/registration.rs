@@ -1,19 +1,21 @@
 //! Registration with the frontend: register, then heartbeat, forever.
 //!
 //! After recovery the node is already serving `Storage`; this loop tells the frontend
-//! where it is and where its log ends. A frontend that is down or restarting only costs
+//! where it is, where its log ends and the highest epoch persisted in its data dir (0 on
+//! an empty data dir: the frontend then knows that, if it was in sync, it lost its disk). A frontend that is down or restarting only costs
 //! warnings and retries with capped exponential backoff; the node keeps serving.
 //! `Reregister` or a failed heartbeat starts a new registration (the log position may have
 //! changed). `Unauthorized` from `register` (wrong token, duplicate live id, removed id)
 //! is returned as an error: the caller stops the node and the process exits non-zero.
 
 use crate::wal::writer::NodeState;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tarpc::client;
 use tracing::{info, warn};
 use walkv_shared::rpc::{HeartbeatReply, HeartbeatRequest, RegisterRequest, RegistryClient};
-use walkv_shared::{transport, KvError, NodeId};
+use walkv_shared::{transport, Epoch, KvError, NodeId};
 
 /// First retry delay after a failed registration.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -65,28 +67,37 @@ pub async fn run(reg: Registration, state: Arc<NodeState>) -> String {
     }
 }
 
-/// One registration and the heartbeats that follow it. `Ok` means "register again now".
-async fn session(reg: &Registration, state: &NodeState) -> Result<(), KvError> {
-    let transport = transport::connect(&reg.frontend, RPC_TIMEOUT, REGISTRY_MAX_FRAME)
-        .await
-        .map_err(|e| KvError::Unavailable(format!("connect: {e}")))?;
-    let client = RegistryClient::new(client::Config::default(), transport).spawn();
+/// The registration as of now: log end, snapshot seq and the highest persisted epoch.
+fn register_request(reg: &Registration, state: &NodeState) -> RegisterRequest {
     let (pos, snapshot_seq) = {
         let s = state.store();
         (s.pos(), s.snapshot_pos().seq)
     };
-    let req = RegisterRequest {
+    RegisterRequest {
         token: reg.token.clone(),
         id: reg.id.clone(),
         addr: reg.addr.clone(),
         instance: reg.instance,
         pos,
         snapshot_seq,
-    };
+        // Mirrors the `epoch` file (raised to the last record's epoch at startup), so it is
+        // what a restart of this process would report too.
+        highest_epoch: Some(Epoch(state.highest_epoch.load(Ordering::SeqCst))),
+    }
+}
+
+/// One registration and the heartbeats that follow it. `Ok` means "register again now".
+async fn session(reg: &Registration, state: &NodeState) -> Result<(), KvError> {
+    let transport = transport::connect(&reg.frontend, RPC_TIMEOUT, REGISTRY_MAX_FRAME)
+        .await
+        .map_err(|e| KvError::Unavailable(format!("connect: {e}")))?;
+    let client = RegistryClient::new(client::Config::default(), transport).spawn();
+    let req = register_request(reg, state);
+    let (pos, highest_epoch) = (req.pos, req.highest_epoch.unwrap_or_default());
     let reply = client
         .register(transport::context_with_timeout(RPC_TIMEOUT), req)
         .await??;
-    info!(frontend = %reg.frontend, session = reply.session, epoch = reply.epoch.0, seq = %pos.seq, "registered with frontend");
+    info!(frontend = %reg.frontend, session = reply.session, epoch = reply.epoch.0, seq = %pos.seq, highest_epoch = highest_epoch.0, "registered with frontend");
     let mut tick = tokio::time::interval(reg.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -111,5 +122,62 @@ async fn session(reg: &Registration, state: &NodeState) -> Result<(), KvError> {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::recover;
+    use crate::wal::writer::{read_epoch, WalWriter, WriterConfig};
+    use std::path::Path;
+    use walkv_shared::Seq;
+
+    fn registration() -> Registration {
+        Registration {
+            id: NodeId("a".into()),
+            addr: "127.0.0.1:1".into(),
+            frontend: "127.0.0.1:2".into(),
+            token: "t".into(),
+            instance: 7,
+            heartbeat: Duration::from_millis(100),
+        }
+    }
+
+    /// Opens the node's data dir as startup does; returns its state and writer.
+    fn open(dir: &Path) -> (Arc<NodeState>, WalWriter, crate::wal::writer::WriterThread) {
+        let r = recover(dir, true, false).unwrap();
+        let state = NodeState::new(dir.to_path_buf(), r.store, read_epoch(dir).unwrap());
+        let cfg = WriterConfig {
+            batch_max: 16,
+            snapshot_every: 1_000_000,
+            fsync: true,
+        };
+        let (w, t) = WalWriter::start(state.clone(), r.wal, cfg).unwrap();
+        (state, w, t)
+    }
+
+    /// A node on an empty data dir registers with highest epoch 0; once a frontend has
+    /// fenced it (as recovery does before making it in sync) it reports that epoch, also
+    /// after a restart, even though its log is still empty.
+    #[tokio::test]
+    async fn registration_reports_the_persisted_highest_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, w, t) = open(dir.path());
+        let req = register_request(&registration(), &state);
+        assert_eq!(req.highest_epoch, Some(Epoch(0)));
+        assert_eq!(req.pos.seq, Seq(0));
+        w.truncate(Epoch(3), Seq(u64::MAX)).await.unwrap();
+        assert_eq!(
+            register_request(&registration(), &state).highest_epoch,
+            Some(Epoch(3))
+        );
+        w.close().await;
+        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+        let (state, w, t) = open(dir.path());
+        let req = register_request(&registration(), &state);
+        assert_eq!((req.highest_epoch, req.pos.seq), (Some(Epoch(3)), Seq(0)));
+        w.close().await;
+        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
     }
 }
