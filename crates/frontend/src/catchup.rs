@@ -17,9 +17,18 @@
 //! - Otherwise the truth is the registered *ISR member* with the highest matching point `L`;
 //!   the new ISR is every registered ISR member at `L` (after truncation). Nodes outside the
 //!   ISR never become the truth: they may lack acknowledged writes.
-//! - No ISR member registered: wait, naming the missing members, unless `--unsafe-recover`,
-//!   which takes the most advanced reachable node and reports that writes from seq `L + 1`
-//!   on may be lost.
+//! - An ISR member that registers with highest epoch 0 lost its disk ([`lost_its_disk`]):
+//!   every in-sync node has persisted an epoch >= 1, because it got into the ISR through
+//!   recovery, which fences it at the new epoch first, or through catch-up, whose
+//!   `truncate` / `append` / `install_snapshot` carry the epoch. (One exception: a node that
+//!   joins at commit 0 with nothing to copy persists an epoch only with its first write;
+//!   until then it looks wiped, which costs availability, not data.) Such a node holds
+//!   nothing it can vouch for, so it counts as a missing member (it catches up later like
+//!   any node outside the ISR); if it alone were taken, its empty log would become the
+//!   truth and the healthy members would be truncated to it.
+//! - No usable ISR member registered: wait, naming the missing members (and those that lost
+//!   their disk), unless `--unsafe-recover`, which takes the most advanced reachable node
+//!   and reports that writes from seq `L + 1` on may be lost.
 //!
 //! ## Catch-up (IO, [`run_catchup`])
 //!
@@ -78,6 +87,18 @@ pub struct Candidate {
     pub id: NodeId,
     /// Where its log ends.
     pub pos: LogPosition,
+    /// The highest epoch persisted in its data dir when it registered (`None`: its storage
+    /// binary does not report it). See [`lost_its_disk`].
+    pub highest_epoch: Option<Epoch>,
+}
+
+/// Whether node `id`, which reported `highest_epoch` at registration, is listed in the
+/// persisted `isr` but lost its disk: it reports epoch 0, which no in-sync node can (see
+/// the module docs), so its data dir was wiped or replaced by an empty one. It cannot vouch
+/// for acknowledged writes. A node that does not report its epoch (`None`, an older
+/// storage binary) is trusted as before. Pure.
+pub fn lost_its_disk(isr: &BTreeSet<NodeId>, id: &NodeId, highest_epoch: Option<Epoch>) -> bool {
+    isr.contains(id) && highest_epoch == Some(Epoch(0))
 }
 
 /// What recovery knows when it decides.
@@ -145,11 +166,12 @@ pub fn decide_recovery(input: &RecoveryInput<'_>) -> Decision {
         };
         return Decision::Wait { reason };
     }
-    let isr_members: Vec<&Candidate> = input
+    // Members that lost their disk count as missing: they hold nothing to vouch for.
+    let (lost, isr_members): (Vec<&Candidate>, Vec<&Candidate>) = input
         .registered
         .iter()
         .filter(|c| input.isr.contains(&c.id))
-        .collect();
+        .partition(|c| lost_its_disk(input.isr, &c.id, c.highest_epoch));
     let (pool, unsafe_loss): (Vec<&Candidate>, bool) = if fresh {
         (input.registered.iter().collect(), false)
     } else if !isr_members.is_empty() {
@@ -162,6 +184,10 @@ pub fn decide_recovery(input: &RecoveryInput<'_>) -> Decision {
         (isr_members, false)
     } else if input.unsafe_recover && input.grace_over {
         (input.registered.iter().collect(), true)
+    } else if !lost.is_empty() {
+        return Decision::Wait {
+            reason: lost_disk_reason(input.isr, &lost),
+        };
     } else {
         let reachable = join_ids(input.registered.iter().map(|c| &c.id));
         let reason = format!(
@@ -202,6 +228,32 @@ pub fn decide_recovery(input: &RecoveryInput<'_>) -> Decision {
             missing: input.isr.iter().cloned().collect(),
         }),
     })
+}
+
+/// Why recovery waits when the only registered ISR members lost their disk (`lost`).
+fn lost_disk_reason(isr: &BTreeSet<NodeId>, lost: &[&Candidate]) -> String {
+    let lost_ids = join_ids(lost.iter().map(|c| &c.id));
+    let others: Vec<&NodeId> = isr
+        .iter()
+        .filter(|id| !lost.iter().any(|c| c.id == **id))
+        .collect();
+    let what_now = if others.is_empty() {
+        "Every in-sync node lost its disk: restore one of their data dirs and restart it, or \
+         restart the frontend with --unsafe-recover to serve from the most advanced reachable \
+         node, accepting lost writes"
+            .to_string()
+    } else {
+        format!(
+            "Start an in-sync node that kept its disk ({}), or restart the frontend with \
+             --unsafe-recover to accept losing writes",
+            join_ids(others.into_iter())
+        )
+    };
+    format!(
+        "in-sync node(s) {lost_ids} registered with an empty data dir (highest epoch 0): they lost \
+         their disk and cannot vouch for acknowledged writes, so they are not used as the truth \
+         (they will catch up once recovery is done). {what_now}"
+    )
 }
 
 /// Progress of one catch-up, for logs and `status`.
@@ -597,6 +649,15 @@ mod tests {
         Candidate {
             id: NodeId(id.into()),
             pos: pos(e, s),
+            highest_epoch: Some(Epoch(e.max(1))),
+        }
+    }
+
+    /// A node that restarted on an empty data dir.
+    fn wiped(id: &str) -> Candidate {
+        Candidate {
+            highest_epoch: Some(Epoch(0)),
+            ..cand(id, 0, 0)
         }
     }
 
@@ -846,5 +907,141 @@ mod tests {
             unsafe_recover: false,
         });
         assert!(matches!(d, Decision::Wait { reason } if reason.contains("first storage node")));
+    }
+
+    fn input<'a>(
+        t: &'a [EpochStart],
+        isr: &'a BTreeSet<NodeId>,
+        reg: &'a [Candidate],
+        grace_over: bool,
+        unsafe_recover: bool,
+    ) -> RecoveryInput<'a> {
+        RecoveryInput {
+            table: t,
+            isr,
+            registered: reg,
+            grace_over,
+            unsafe_recover,
+        }
+    }
+
+    /// Property: an in-sync node that lost its disk never becomes the truth. Registered
+    /// alone, even long after the grace period, recovery waits and says why (before, its
+    /// empty log became the truth and the healthy members were later truncated to it).
+    #[test]
+    fn an_isr_member_that_lost_its_disk_alone_is_never_the_truth() {
+        let t = table(&[(1, 1), (2, 10)]);
+        let isr = ids(&["a", "b"]);
+        let reg = vec![wiped("a")];
+        for grace_over in [false, true] {
+            let d = decide_recovery(&input(&t, &isr, &reg, grace_over, false));
+            let Decision::Wait { reason } = d else {
+                panic!("grace_over {grace_over}: {d:?}")
+            };
+            assert!(
+                reason.contains("node(s) a registered with an empty data dir")
+                    && reason.contains("lost their disk")
+                    && reason.contains("kept its disk (b)")
+                    && reason.contains("--unsafe-recover"),
+                "{reason}"
+            );
+        }
+        // Every member lost its disk: only --unsafe-recover (or a restored disk) helps.
+        let isr = ids(&["a"]);
+        let d = decide_recovery(&input(&t, &isr, &reg, true, false));
+        assert!(
+            matches!(&d, Decision::Wait { reason } if reason.contains("Every in-sync node lost its disk")),
+            "{d:?}"
+        );
+    }
+
+    /// With a healthy member registered too, the healthy one is the truth and the one that
+    /// lost its disk stays out of the new ISR, also when nothing was written yet (a tie at
+    /// seq 0 went to the smaller id, the wiped one). It counts as missing for the grace
+    /// period: it cannot vouch, so recovery waits for the other members as usual.
+    #[test]
+    fn a_healthy_member_is_the_truth_and_one_that_lost_its_disk_is_left_out() {
+        let t = table(&[(1, 1), (2, 10)]);
+        let isr = ids(&["a", "b"]);
+        let reg = vec![wiped("a"), cand("b", 2, 15)];
+        assert!(matches!(
+            decide_recovery(&input(&t, &isr, &reg, false, false)),
+            Decision::Wait { .. }
+        ));
+        let d = decide_recovery(&input(&t, &isr, &reg, true, false));
+        let Decision::Recover(plan) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!((plan.truth, plan.point), (NodeId("b".into()), Seq(15)));
+        assert_eq!(plan.isr, vec![NodeId("b".into())]);
+        assert_eq!(plan.unsafe_loss, None);
+
+        // Nothing written since epoch 1 began: both logs end at seq 0.
+        let t = table(&[(1, 1)]);
+        let reg = vec![wiped("a"), cand("b", 1, 0)];
+        let d = decide_recovery(&input(&t, &isr, &reg, true, false));
+        let Decision::Recover(plan) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(plan.truth, NodeId("b".into()));
+        assert_eq!(plan.isr, vec![NodeId("b".into())], "a catches up later");
+    }
+
+    /// A fresh cluster starts on empty data dirs: the rule does not apply.
+    #[test]
+    fn a_fresh_cluster_adopts_nodes_on_empty_data_dirs() {
+        let isr = BTreeSet::new();
+        let reg = vec![wiped("a"), wiped("b")];
+        let d = decide_recovery(&input(&[], &isr, &reg, true, false));
+        let Decision::Recover(plan) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(plan.point, Seq(0));
+        assert_eq!(plan.isr, vec![NodeId("a".into()), NodeId("b".into())]);
+    }
+
+    /// `--unsafe-recover` still recovers from what is reachable, and now reports the range
+    /// it cannot vouch for when the only member it finds lost its disk.
+    #[test]
+    fn unsafe_recovery_still_works_with_members_that_lost_their_disk() {
+        let t = table(&[(1, 1), (3, 8)]);
+        let isr = ids(&["a"]);
+        let reg = vec![wiped("a"), cand("c", 3, 9)];
+        let Decision::Recover(plan) = decide_recovery(&input(&t, &isr, &reg, true, true)) else {
+            panic!()
+        };
+        assert_eq!((plan.truth, plan.point), (NodeId("c".into()), Seq(9)));
+        assert_eq!(
+            plan.unsafe_loss,
+            Some(UnsafeLoss {
+                from: Seq(10),
+                missing: vec![NodeId("a".into())]
+            })
+        );
+        let reg = vec![wiped("a")];
+        let Decision::Recover(plan) = decide_recovery(&input(&t, &isr, &reg, true, true)) else {
+            panic!()
+        };
+        assert_eq!((plan.truth, plan.point), (NodeId("a".into()), Seq(0)));
+        assert_eq!(plan.unsafe_loss.map(|l| l.from), Some(Seq(1)));
+    }
+
+    /// A storage binary that does not report its epoch is trusted as before.
+    #[test]
+    fn a_member_that_does_not_report_its_epoch_is_trusted() {
+        let t = table(&[(1, 1)]);
+        let isr = ids(&["a"]);
+        let reg = vec![Candidate {
+            highest_epoch: None,
+            ..cand("a", 1, 4)
+        }];
+        let d = decide_recovery(&input(&t, &isr, &reg, true, false));
+        assert!(
+            matches!(&d, Decision::Recover(p) if p.truth == NodeId("a".into())),
+            "{d:?}"
+        );
+        assert!(!lost_its_disk(&isr, &NodeId("a".into()), None));
+        assert!(lost_its_disk(&isr, &NodeId("a".into()), Some(Epoch(0))));
+        assert!(!lost_its_disk(&isr, &NodeId("z".into()), Some(Epoch(0))));
     }
 }

@@ -4,13 +4,18 @@
 //! - run the heartbeat failure detector;
 //! - while `Recovering`: bump and persist the epoch (once per recovery), ask
 //!   [`decide_recovery`] whether the registered nodes allow a decision, and if so confirm
-//!   the nodes' log ends with `identity`, truncate divergent tails, persist the new ISR and
-//!   epoch table entry `(epoch, L + 1)`, set the commit index to `L` and start serving;
+//!   the nodes' log ends with `identity` and fence them at the new epoch (except ISR members
+//!   that lost their disk and are left out of the plan), truncate divergent tails, persist
+//!   the new ISR and epoch table entry `(epoch, L + 1)`, set the commit index to `L` and
+//!   start serving. While it waits, the reason is shown by `status`; this runs every tick,
+//!   so it logs nothing per attempt (the registry warns once per registration);
 //! - while `Serving`: make sure every registered node outside the ISR has a catch-up task.
 //!
 //! Recovery runs under the write gate, so no batch is in flight while the truth is chosen.
 
-use crate::catchup::{decide_recovery, run_catchup, Candidate, Decision, Plan, RecoveryInput};
+use crate::catchup::{
+    decide_recovery, lost_its_disk, run_catchup, Candidate, Decision, Plan, RecoveryInput,
+};
 use crate::cluster::Cluster;
 use crate::isr::join_ids;
 use crate::registry::detect_failures;
@@ -93,8 +98,21 @@ async fn recovery_step(cluster: &Cluster, grace: &mut Grace) {
     // every append the node accepted before it, so an append of the old epoch that timed
     // out here but still sits in a node's queue is counted, not written after the truth
     // is chosen (where the next epoch's records would be taken for copies of it).
+    //
+    // An ISR member that lost its disk is not fenced unless the plan takes it (only an
+    // unsafe recovery can): the fence persists our epoch in its empty data dir, and if this
+    // frontend then died before persisting the new ISR, the node would register with the
+    // next one as an in-sync node with an epoch, no longer recognisable as wiped.
     let epoch = cluster.m().state.epoch;
-    let candidates: Vec<NodeId> = cluster.m().live().map(|(id, _)| id.clone()).collect();
+    let candidates: Vec<NodeId> = {
+        let m = cluster.m();
+        m.live()
+            .filter(|(id, n)| {
+                plan.isr.contains(id) || !lost_its_disk(&m.state.isr, id, n.highest_epoch)
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    };
     let answers = futures::future::join_all(candidates.into_iter().map(|id| async move {
         let confirmed = match cluster.pool.identity(&id).await {
             Ok(who) if who.id != id => Err(KvError::Internal(format!(
@@ -111,7 +129,15 @@ async fn recovery_step(cluster: &Cluster, grace: &mut Grace) {
     let mut seen_above: Option<u64> = None;
     for (id, confirmed) in answers {
         match confirmed {
-            Ok(pos) => fresh.push(Candidate { id, pos }),
+            Ok(pos) => {
+                // As registered, not as now: the fence just persisted our epoch.
+                let highest_epoch = cluster.m().node(&id).and_then(|n| n.highest_epoch);
+                fresh.push(Candidate {
+                    id,
+                    pos,
+                    highest_epoch,
+                })
+            }
             Err(KvError::Fenced { seen }) => seen_above = seen_above.max(Some(seen)),
             Err(e) => warn!(node = %id, error = %e, "cannot confirm log position for recovery"),
         }
@@ -174,11 +200,15 @@ fn decide(cluster: &Cluster, grace: &mut Grace, fresh: Option<Vec<Candidate>>) -
             .map(|(id, n)| Candidate {
                 id: id.clone(),
                 pos: n.pos,
+                highest_epoch: n.highest_epoch,
             })
             .collect()
     });
-    let relevant = registered.iter().any(|c| m.state.isr.contains(&c.id))
-        || (m.state.isr.is_empty() || cluster.unsafe_recover_armed()) && !registered.is_empty();
+    // The grace period starts with the first member that can vouch for the data.
+    let relevant = registered.iter().any(|c| {
+        m.state.isr.contains(&c.id) && !lost_its_disk(&m.state.isr, &c.id, c.highest_epoch)
+    }) || (m.state.isr.is_empty() || cluster.unsafe_recover_armed())
+        && !registered.is_empty();
     if relevant && grace.since.is_none() {
         grace.since = Some(Instant::now());
     }
@@ -253,14 +283,14 @@ async fn execute(cluster: &Cluster, plan: Plan) -> Result<(), KvError> {
             truth = %plan.truth,
             lost_from_seq = %loss.from,
             missing = %join_ids(loss.missing.iter()),
-            "UNSAFE RECOVERY: no member of the last in-sync set is reachable; taking {} (log up to seq {}) as the truth. \
+            "UNSAFE RECOVERY: no member of the last in-sync set that kept its disk is reachable; taking {} (log up to seq {}) as the truth. \
              Acknowledged writes with seq >= {} may be lost",
             plan.truth, plan.point, loss.from
         );
     }
     {
         let mut m = cluster.m();
-        m.state.isr = isr.iter().cloned().collect();
+        m.set_recovered_isr(&isr);
         m.state.epoch_table.push(EpochStart {
             epoch,
             start_seq: plan.point.next(),

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use walkv_shared::rpc::{HeartbeatReply, RegisterRequest};
 use walkv_shared::types::{CatchUpProgress, ClusterStatus, LogPosition, NodeRole, NodeStatus};
-use walkv_shared::{KvError, NodeId, Seq};
+use walkv_shared::{Epoch, KvError, NodeId, Seq};
 
 /// Whether the frontend serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,12 +54,27 @@ pub struct Node {
     pub pos: LogPosition,
     /// Seq covered by its newest snapshot at registration.
     pub snapshot_seq: Seq,
+    /// The highest epoch the process had persisted when it first registered with this
+    /// frontend (`None`: its storage binary does not say), raised once this frontend has
+    /// made it an in-sync member. `Some(Epoch(0))` on a member of the persisted ISR means it
+    /// lost its disk ([`crate::catchup::lost_its_disk`]). A re-registration of the same
+    /// process keeps this value: an epoch persisted since (a recovery's fence, an append it
+    /// refused) says nothing about whether it holds the committed records.
+    pub highest_epoch: Option<Epoch>,
     /// Last applied seq known (heartbeats, appends, catch-up).
     pub applied: Seq,
     /// When the last heartbeat (or registration) arrived.
     pub last_heartbeat: Option<Instant>,
     /// Catch-up progress while catching up.
     pub progress: Option<CatchUpProgress>,
+}
+
+impl Node {
+    /// This frontend made the node an in-sync member at `epoch`: it holds every committed
+    /// record, whatever it reported when it registered.
+    fn joined_at(&mut self, epoch: Epoch) {
+        self.highest_epoch = Some(self.highest_epoch.unwrap_or_default().max(epoch));
+    }
 }
 
 /// What a registration needs before it can be accepted.
@@ -206,6 +221,10 @@ impl Membership {
     pub fn accept_register(&mut self, req: &RegisterRequest, now: Instant) -> u64 {
         let session = self.next_session;
         self.next_session += 1;
+        let highest_epoch = match self.nodes.get(&req.id) {
+            Some(n) if n.instance == req.instance => n.highest_epoch,
+            _ => req.highest_epoch,
+        };
         self.nodes.insert(
             req.id.clone(),
             Node {
@@ -214,6 +233,7 @@ impl Membership {
                 session: Some(session),
                 pos: req.pos,
                 snapshot_seq: req.snapshot_seq,
+                highest_epoch,
                 applied: req.pos.seq,
                 last_heartbeat: Some(now),
                 progress: None,
@@ -301,8 +321,21 @@ impl Membership {
     /// Adds a caught-up node to the ISR.
     pub fn add_to_isr(&mut self, id: &NodeId) {
         self.state.isr.insert(id.clone());
+        let epoch = self.state.epoch;
         if let Some(n) = self.nodes.get_mut(id) {
             n.progress = None;
+            n.joined_at(epoch);
+        }
+    }
+
+    /// Makes `ids` the ISR decided by recovery at the current epoch (caller persists).
+    pub fn set_recovered_isr(&mut self, ids: &[NodeId]) {
+        self.state.isr = ids.iter().cloned().collect();
+        let epoch = self.state.epoch;
+        for id in ids {
+            if let Some(n) = self.nodes.get_mut(id) {
+                n.joined_at(epoch);
+            }
         }
     }
 
@@ -446,7 +479,6 @@ pub fn join_ids<'a>(ids: impl Iterator<Item = &'a NodeId>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use walkv_shared::Epoch;
 
     fn id(s: &str) -> NodeId {
         NodeId(s.into())
@@ -601,5 +633,42 @@ mod tests {
         let second = m.read_order();
         assert_eq!(first.len(), 2);
         assert_ne!(first[0], second[0], "round robin");
+    }
+
+    /// The epoch a process reported when it registered sticks until this frontend makes it
+    /// in sync: the same process re-registering with an epoch it persisted since (from a
+    /// recovery's fence) still shows that it started on an empty data dir.
+    #[test]
+    fn highest_epoch_sticks_per_process_until_the_node_joins() {
+        let now = Instant::now();
+        let mut m = Membership::new(State {
+            epoch: Epoch(4),
+            isr: [id("a")].into_iter().collect(),
+            ..State::default()
+        });
+        let empty = RegisterRequest {
+            highest_epoch: Some(Epoch(0)),
+            ..reg("a", 1)
+        };
+        m.accept_register(&empty, now);
+        let fenced = RegisterRequest {
+            highest_epoch: Some(Epoch(4)),
+            ..reg("a", 1)
+        };
+        m.accept_register(&fenced, now);
+        assert_eq!(m.node(&id("a")).unwrap().highest_epoch, Some(Epoch(0)));
+        m.set_recovered_isr(&[id("a")]);
+        assert_eq!(m.node(&id("a")).unwrap().highest_epoch, Some(Epoch(4)));
+        // A new process under the same id starts over from what it reports.
+        m.accept_register(
+            &RegisterRequest {
+                instance: 2,
+                ..empty
+            },
+            now,
+        );
+        assert_eq!(m.node(&id("a")).unwrap().highest_epoch, Some(Epoch(0)));
+        m.add_to_isr(&id("a"));
+        assert_eq!(m.node(&id("a")).unwrap().highest_epoch, Some(Epoch(4)));
     }
 }

@@ -9,13 +9,17 @@
 //! - every accepted registration gets a new session, and the pool reconnects to its address;
 //! - a new process registering under an ISR member's id while serving may have restarted
 //!   and missed writes, so it leaves the ISR through the write gate and catches up (as the
-//!   last member it triggers a recovery instead, which keeps it as the truth); the same
-//!   process registering again (after a lost heartbeat) keeps its place.
+//!   last member it triggers a recovery instead, which keeps it as the truth unless it lost
+//!   its disk); the same process registering again (after a lost heartbeat) keeps its place;
+//! - an ISR member registering with highest epoch 0 lost its disk
+//!   ([`crate::catchup::lost_its_disk`]): one warning names it, and recovery does not count
+//!   it as a member.
 //!
 //! Heartbeats with the current session refresh the node; any other session gets
 //! `Reregister`. The failure detector ([`detect_failures`]) marks a node down after
 //! `failure_timeout_ms` without a heartbeat and takes it out of the ISR (persisted).
 
+use crate::catchup::lost_its_disk;
 use crate::cluster::Cluster;
 use crate::isr::RegisterCheck;
 use std::sync::Arc;
@@ -70,14 +74,19 @@ impl Registry for RegistryServer {
                 }
             }
         }
-        let (session, epoch, leave_isr) = {
+        let (session, epoch, leave_isr, lost_disk) = {
             let mut m = self.cluster.m();
             let leave = m.rejoin_needs_isr_exit(&req.id, req.instance);
             let session = m.accept_register(&req, Instant::now());
-            (session, m.state.epoch, leave)
+            let reported = m.node(&req.id).and_then(|n| n.highest_epoch);
+            let lost = lost_its_disk(&m.state.isr, &req.id, reported);
+            (session, m.state.epoch, leave, lost)
         };
         self.cluster.pool.set_addr(&req.id, &req.addr);
         info!(node = %req.id, addr = %req.addr, epoch = %req.pos.epoch, seq = %req.pos.seq, session, "node registered");
+        if lost_disk {
+            warn!(node = %req.id, "in-sync node registered with an empty data dir (highest epoch 0): it lost its disk and cannot vouch for acknowledged writes; it is not counted as in sync and will catch up like a new node");
+        }
         if leave_isr {
             let cluster = self.cluster.clone();
             let id = req.id.clone();
