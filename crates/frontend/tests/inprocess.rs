@@ -684,6 +684,16 @@ impl Frontend {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    /// Checks `f` on the status, polling, for all of `period` (a property that must hold
+    /// for a while, e.g. past a grace period); panics on the first status that breaks it.
+    async fn holds_for(&self, period: Duration, what: &str, f: impl Fn(&ClusterStatus) -> bool) {
+        let until = Instant::now() + period;
+        while Instant::now() < until {
+            let st = self.status().await;
+            assert!(f(&st), "{what} no longer holds; status: {st:#?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     async fn wait_in_sync(&self, n: usize) -> ClusterStatus {
         self.wait_until(&format!("{n} in-sync nodes"), |st| {
             st.available
@@ -1013,6 +1023,77 @@ async fn restart_truncates_divergent_tail_and_refuses_without_isr_member() {
     fe.wait_in_sync(1).await;
     assert_eq!(fe.get("only-b").await.unwrap().value, "v");
     assert_eq!(fe.get("lost").await, Err(KvError::NotFound));
+    fe.stop().await;
+}
+
+/// Property: an acknowledged write survives a frontend restart when an in-sync node lost
+/// its disk and registers first, alone, while one that kept its disk comes back later than
+/// the grace period. The wiped node (empty log, highest epoch 0) is not taken as the truth:
+/// the frontend waits, saying why, and recovers from the healthy node once it registers.
+/// (Before, the wiped node's empty log became the truth: commit dropped to 0 and the
+/// healthy node was truncated to it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_an_in_sync_node_that_lost_its_disk_waits_for_one_that_kept_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_b: Arc<Mutex<Data>> = Default::default();
+    let fe = start_frontend(config(dir.path())).await;
+    let a = start_fake("a", fe.registry.clone(), Default::default()).await;
+    let b = start_fake("b", fe.registry.clone(), data_b.clone()).await;
+    fe.wait_in_sync(2).await;
+    let mut acked = Vec::new();
+    for i in 0..5u64 {
+        let key = format!("k{i}");
+        let version = fe
+            .put("w", i + 1, &key, &format!("v{i}"))
+            .await
+            .unwrap()
+            .version;
+        acked.push((key, format!("v{i}"), version));
+    }
+    fe.stop().await;
+    kill(&a);
+    kill(&b);
+
+    // a comes back on an empty data dir: same id, no records, no epoch.
+    let wiped: Arc<Mutex<Data>> = Default::default();
+    let fe = start_frontend(config(dir.path())).await;
+    let a2 = start_fake("a", fe.registry.clone(), wiped.clone()).await;
+    fe.wait_until("a registered and refused as the truth", |st| {
+        st.state
+            .contains("node(s) a registered with an empty data dir")
+    })
+    .await;
+    let grace = Duration::from_millis(config(dir.path()).recovery_grace_ms);
+    fe.holds_for(grace * 3, "not serving with only the wiped node", |st| {
+        !st.available && st.state.contains("lost their disk") && st.state.contains("(b)")
+    })
+    .await;
+    match fe.get("k0").await {
+        Err(KvError::Unavailable(msg)) => assert!(
+            msg.contains("lost their disk") && msg.contains("--unsafe-recover"),
+            "{msg}"
+        ),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    {
+        let d = wiped.lock().unwrap();
+        assert!(d.log.is_empty() && d.snap.is_none(), "nothing written to a");
+        assert_eq!(
+            d.epoch_seen,
+            Epoch(0),
+            "a was not touched while recovery waited"
+        );
+    }
+
+    // b kept its disk: it is the truth, and a catches up from it.
+    let b2 = start_fake("b", fe.registry.clone(), data_b.clone()).await;
+    fe.wait_in_sync(2).await;
+    for (key, value, version) in &acked {
+        let got = fe.get(key).await.unwrap();
+        assert_eq!((&got.value, got.version), (value, *version), "{key}");
+    }
+    assert_eq!(a2.contents(), b2.contents());
+    assert_eq!(b2.contents().0.seq, acked.last().unwrap().2);
     fe.stop().await;
 }
 
