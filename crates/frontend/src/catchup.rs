@@ -19,13 +19,11 @@
 //!   ISR never become the truth: they may lack acknowledged writes.
 //! - An ISR member that registers with highest epoch 0 lost its disk ([`lost_its_disk`]):
 //!   every in-sync node has persisted an epoch >= 1, because it got into the ISR through
-//!   recovery, which fences it at the new epoch first, or through catch-up, whose
-//!   `truncate` / `append` / `install_snapshot` carry the epoch. (One exception: a node that
-//!   joins at commit 0 with nothing to copy persists an epoch only with its first write;
-//!   until then it looks wiped, which costs availability, not data.) Such a node holds
-//!   nothing it can vouch for, so it counts as a missing member (it catches up later like
-//!   any node outside the ISR); if it alone were taken, its empty log would become the
-//!   truth and the healthy members would be truncated to it.
+//!   recovery, which fences it at the new epoch first, or through catch-up, which fences it
+//!   before it joins (`join`; a node with nothing to copy got no other request carrying
+//!   the epoch). Such a node holds nothing it can vouch for, so it counts as a missing
+//!   member (it catches up later like any node outside the ISR); if it alone were taken,
+//!   its empty log would become the truth and the healthy members would be truncated to it.
 //! - No usable ISR member registered: wait, naming the missing members (and those that lost
 //!   their disk), unless `--unsafe-recover`, which takes the most advanced reachable node
 //!   and reports that writes from seq `L + 1` on may be lost.
@@ -399,6 +397,16 @@ async fn join(
                 at.seq
             ))));
         }
+    }
+    // The node persists our epoch before it counts as in sync. A page or a truncate would
+    // have done so, but a node that joins with nothing to copy (commit 0) got neither, and
+    // an in-sync node reporting epoch 0 is taken for one that lost its disk.
+    let fenced = cluster.pool.fence(id, epoch).await?;
+    if fenced.seq != at.seq {
+        return Err(Stop::Failed(KvError::Internal(format!(
+            "{id} is at seq {} after the join fence, {} expected",
+            fenced.seq, at.seq
+        ))));
     }
     {
         let mut m = cluster.m();

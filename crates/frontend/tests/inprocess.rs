@@ -1168,6 +1168,39 @@ async fn a_read_never_returns_a_record_that_a_recovery_discarded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_joins_with_nothing_to_copy_is_trusted_after_a_restart() {
+    // b joins before anything was written: no page, no truncate. It must still have
+    // persisted the epoch, or after a restart it would look like a node that lost its disk
+    // and recovery would wait for a forever.
+    let dir = tempfile::tempdir().unwrap();
+    let data_a: Arc<Mutex<Data>> = Default::default();
+    let data_b: Arc<Mutex<Data>> = Default::default();
+    let fe = start_frontend(config(dir.path())).await;
+    let a = start_fake("a", fe.registry.clone(), data_a.clone()).await;
+    fe.wait_in_sync(1).await;
+    let b = start_fake("b", fe.registry.clone(), data_b.clone()).await;
+    let st = fe.wait_in_sync(2).await;
+    assert_eq!(
+        st.commit_seq,
+        Seq(0),
+        "nothing written: b had nothing to copy"
+    );
+    assert!(
+        data_b.lock().unwrap().epoch_seen >= st.epoch,
+        "b joined without persisting the epoch"
+    );
+    fe.stop().await;
+    kill(&a);
+    kill(&b);
+    // Only b comes back: an in-sync node that kept its disk, so it is the truth.
+    let fe = start_frontend(config(dir.path())).await;
+    let _b2 = start_fake("b", fe.registry.clone(), data_b.clone()).await;
+    fe.wait_in_sync(1).await;
+    fe.put("w", 1, "k", "v").await.unwrap();
+    fe.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsafe_recover_covers_only_the_first_recovery() {
     // Started with --unsafe-recover on a fresh cluster: the first recovery spends it.
     let dir = tempfile::tempdir().unwrap();
