@@ -248,9 +248,9 @@ fn lost_disk_reason(isr: &BTreeSet<NodeId>, lost: &[&Candidate]) -> String {
         )
     };
     format!(
-        "in-sync node(s) {lost_ids} registered with an empty data dir (highest epoch 0): they lost \
-         their disk and cannot vouch for acknowledged writes, so they are not used as the truth \
-         (they will catch up once recovery is done). {what_now}"
+        "in-sync node(s) {lost_ids} registered with an empty data dir or a log cut at a corrupt \
+         record (highest epoch 0): they lost data and cannot vouch for acknowledged writes, so \
+         they are not used as the truth (they will catch up once recovery is done). {what_now}"
     )
 }
 
@@ -947,8 +947,8 @@ mod tests {
                 panic!("grace_over {grace_over}: {d:?}")
             };
             assert!(
-                reason.contains("node(s) a registered with an empty data dir")
-                    && reason.contains("lost their disk")
+                reason.contains("node(s) a registered with an empty data dir or a log cut")
+                    && reason.contains("lost data")
                     && reason.contains("kept its disk (b)")
                     && reason.contains("--unsafe-recover"),
                 "{reason}"

@@ -85,7 +85,7 @@ impl Registry for RegistryServer {
         self.cluster.pool.set_addr(&req.id, &req.addr);
         info!(node = %req.id, addr = %req.addr, epoch = %req.pos.epoch, seq = %req.pos.seq, session, "node registered");
         if lost_disk {
-            warn!(node = %req.id, "in-sync node registered with an empty data dir (highest epoch 0): it lost its disk and cannot vouch for acknowledged writes; it is not counted as in sync and will catch up like a new node");
+            warn!(node = %req.id, "in-sync node registered with highest epoch 0 (an empty data dir, or a log cut at a corrupt record): it lost data and cannot vouch for acknowledged writes; it is not counted as in sync and will catch up like a new node");
         }
         if leave_isr {
             let cluster = self.cluster.clone();

@@ -1065,12 +1065,12 @@ async fn restart_with_an_in_sync_node_that_lost_its_disk_waits_for_one_that_kept
     .await;
     let grace = Duration::from_millis(config(dir.path()).recovery_grace_ms);
     fe.holds_for(grace * 3, "not serving with only the wiped node", |st| {
-        !st.available && st.state.contains("lost their disk") && st.state.contains("(b)")
+        !st.available && st.state.contains("lost data") && st.state.contains("(b)")
     })
     .await;
     match fe.get("k0").await {
         Err(KvError::Unavailable(msg)) => assert!(
-            msg.contains("lost their disk") && msg.contains("--unsafe-recover"),
+            msg.contains("lost data") && msg.contains("--unsafe-recover"),
             "{msg}"
         ),
         other => panic!("expected Unavailable, got {other:?}"),

@@ -115,10 +115,11 @@ pub struct RegisterRequest {
     /// Seq covered by the node's newest snapshot.
     pub snapshot_seq: Seq,
     /// The highest epoch persisted in the node's data dir (its `epoch` file, or its last
-    /// record's epoch if higher). `Some(Epoch(0))`: the node started on an empty data dir.
-    /// A frontend fences or sends records to a node before it counts it as in sync, which
-    /// persists its epoch, so an in-sync node reporting 0 has lost its disk and cannot vouch
-    /// for acknowledged writes. `None` (absent on the wire): a storage binary that predates
+    /// record's epoch if higher). `Some(Epoch(0))`: the node started on an empty data dir,
+    /// or its log was cut at a corrupt record and no frontend has fenced it since (it then
+    /// disowns the epoch it persisted). A frontend fences a node before it counts it as in
+    /// sync, which persists its epoch, so an in-sync node reporting 0 has lost data and
+    /// cannot vouch for acknowledged writes. `None` (absent on the wire): a storage binary that predates
     /// this field; the frontend then cannot tell, and trusts it as before.
     #[serde(default)]
     pub highest_epoch: Option<Epoch>,

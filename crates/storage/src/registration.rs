@@ -9,13 +9,12 @@
 //! is returned as an error: the caller stops the node and the process exits non-zero.
 
 use crate::wal::writer::NodeState;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tarpc::client;
 use tracing::{info, warn};
 use walkv_shared::rpc::{HeartbeatReply, HeartbeatRequest, RegisterRequest, RegistryClient};
-use walkv_shared::{transport, Epoch, KvError, NodeId};
+use walkv_shared::{transport, KvError, NodeId};
 
 /// First retry delay after a failed registration.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -81,8 +80,9 @@ fn register_request(reg: &Registration, state: &NodeState) -> RegisterRequest {
         pos,
         snapshot_seq,
         // Mirrors the `epoch` file (raised to the last record's epoch at startup), so it is
-        // what a restart of this process would report too.
-        highest_epoch: Some(Epoch(state.highest_epoch.load(Ordering::SeqCst))),
+        // what a restart of this process would report too; 0 while the log is cut at a
+        // corrupt record and no frontend has fenced the node since (`log-cut`).
+        highest_epoch: Some(state.vouched_epoch()),
     }
 }
 
@@ -131,7 +131,7 @@ mod tests {
     use crate::wal::recover;
     use crate::wal::writer::{read_epoch, WalWriter, WriterConfig};
     use std::path::Path;
-    use walkv_shared::Seq;
+    use walkv_shared::{Epoch, Seq};
 
     fn registration() -> Registration {
         Registration {
@@ -177,6 +177,47 @@ mod tests {
         let (state, w, t) = open(dir.path());
         let req = register_request(&registration(), &state);
         assert_eq!((req.highest_epoch, req.pos.seq), (Some(Epoch(3)), Seq(0)));
+        w.close().await;
+        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+    }
+
+    /// A node whose log was cut at a corrupt record reports epoch 0 (it cannot vouch for
+    /// what it acknowledged), across restarts, until a frontend fences it; then the marker
+    /// is gone and it reports its epoch again.
+    #[tokio::test]
+    async fn a_log_cut_at_a_corrupt_record_disowns_itself_until_a_fence() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, w, t) = open(dir.path());
+        w.truncate(Epoch(3), Seq(u64::MAX)).await.unwrap();
+        w.close().await;
+        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+        drop(state);
+        // What `--discard-corrupt-tail` leaves after cutting at seq 8.
+        std::fs::write(dir.path().join(crate::wal::LOG_CUT_FILE), "8\n").unwrap();
+        for _ in 0..2 {
+            let (state, w, t) = open(dir.path());
+            assert_eq!(
+                register_request(&registration(), &state).highest_epoch,
+                Some(Epoch(0))
+            );
+            w.close().await;
+            tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+        }
+        let (state, w, t) = open(dir.path());
+        // A fence (a truncate past the end): a frontend took this log into account.
+        w.truncate(Epoch(4), Seq(u64::MAX)).await.unwrap();
+        assert_eq!(
+            register_request(&registration(), &state).highest_epoch,
+            Some(Epoch(4))
+        );
+        assert!(!dir.path().join(crate::wal::LOG_CUT_FILE).exists());
+        w.close().await;
+        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+        let (state, w, t) = open(dir.path());
+        assert_eq!(
+            register_request(&registration(), &state).highest_epoch,
+            Some(Epoch(4))
+        );
         w.close().await;
         tokio::task::spawn_blocking(move || t.join()).await.unwrap();
     }

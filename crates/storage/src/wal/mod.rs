@@ -12,6 +12,12 @@
 //!   (see [`file`](mod@file)); the records end at its last non-zero byte.
 //! - `snapshot-<seq, 20 digits>.json`: the state after record `seq` (see [`crate::snapshot`]).
 //! - `epoch`: the highest frontend epoch the node has seen (written atomically).
+//! - `log-cut` ([`LOG_CUT_FILE`]): present while the log was cut at a corrupt record
+//!   (`discard_corrupt_tail`) and no frontend has taken the node in sync since; it holds
+//!   the seq of the first record cut. Such a log may lack writes the node acknowledged, so
+//!   the node registers with highest epoch 0 and the frontend never takes it as the truth
+//!   of a recovery (see `registration`). The next fence (a frontend making the node a
+//!   member, or confirming it in a recovery) removes it.
 //! - `LOCK`: locked by the running process; a second process refuses to start.
 //!
 //! # Recovery (at start, and after `truncate` / `install_snapshot`)
@@ -305,6 +311,9 @@ pub fn recover_on(
     )))
 }
 
+/// Name of the marker of a log cut at a corrupt record (see the module docs).
+pub const LOG_CUT_FILE: &str = "log-cut";
+
 /// Most repair passes `recover` makes (one torn-tail truncation plus one corruption cut).
 const MAX_REPAIR_ROUNDS: usize = 4;
 
@@ -369,6 +378,13 @@ fn stamped(path: &Path, kind: &str, stamp: u64) -> PathBuf {
 fn discard_from(dir: &Path, ins: &Inspection, p: &Problem) -> Result<(), RecoveryError> {
     let stamp = unix_now();
     let keep = |path: &Path| stamped(path, "corrupt", stamp);
+    // The marker first: a crash after the cut must not leave a short log that vouches.
+    file::write_atomic(
+        dir,
+        LOG_CUT_FILE,
+        format!("{}\n", p.expected_seq).as_bytes(),
+    )
+    .map_err(io_err("cannot write", &dir.join(LOG_CUT_FILE)))?;
     std::fs::copy(&p.path, keep(&p.path)).map_err(io_err("cannot copy", &p.path))?;
     for seg in &ins.segments[p.segment + 1..] {
         std::fs::rename(&seg.path, keep(&seg.path)).map_err(io_err("cannot rename", &seg.path))?;
@@ -538,8 +554,14 @@ mod tests {
             bytes,
             "a refused start changes nothing"
         );
+        assert!(!dir.path().join(LOG_CUT_FILE).exists());
         let r = recover(dir.path(), true, true).unwrap();
         assert_eq!(r.store.pos().seq, Seq(4));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(LOG_CUT_FILE)).unwrap(),
+            "5\n",
+            "the cut is marked with the first seq it lost"
+        );
         let kept = std::fs::read_dir(dir.path())
             .unwrap()
             .filter(|e| {

@@ -32,9 +32,9 @@
 use crate::snapshot;
 use crate::store::{SnapshotData, Store};
 use crate::wal::file::{self, WalFile};
-use crate::wal::{codec, recover_on};
+use crate::wal::{codec, recover_on, LOG_CUT_FILE};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -65,6 +65,9 @@ pub struct NodeState {
     pub fatal: watch::Sender<Option<String>>,
     /// Group commits (one write + one fsync each) done so far; for tests and the bench.
     pub wal_batches: AtomicU64,
+    /// Whether the log was cut at a corrupt record and no frontend has fenced the node
+    /// since (the `log-cut` marker, see [`crate::wal`]).
+    log_cut: AtomicBool,
 }
 
 impl NodeState {
@@ -73,12 +76,13 @@ impl NodeState {
         let applied = watch::Sender::new(store.pos().seq);
         let highest_epoch = AtomicU64::new(epoch.0.max(store.pos().epoch.0));
         Arc::new(NodeState {
-            dir,
             store: RwLock::new(store),
             applied,
             highest_epoch,
             fatal: watch::Sender::new(None),
             wal_batches: AtomicU64::new(0),
+            log_cut: AtomicBool::new(dir.join(LOG_CUT_FILE).exists()),
+            dir,
         })
     }
 
@@ -95,6 +99,16 @@ impl NodeState {
         self.store
             .write()
             .expect("store lock poisoned by a panic in the writer")
+    }
+
+    /// The highest epoch this node can vouch for its log with: the highest epoch seen, or
+    /// 0 while its log is cut (a frontend then never takes it as the truth).
+    pub fn vouched_epoch(&self) -> Epoch {
+        if self.log_cut.load(Ordering::SeqCst) {
+            Epoch(0)
+        } else {
+            Epoch(self.highest_epoch.load(Ordering::SeqCst))
+        }
     }
 
     /// The disk error that stopped the node, if any.
@@ -646,6 +660,26 @@ impl Writer {
         }
     }
 
+    /// A fence means a frontend has accounted for this log at its epoch (it makes the node
+    /// a member, or confirms it in a recovery): the log no longer needs to disown itself.
+    fn clear_log_cut(&self) -> Result<(), KvError> {
+        if !self.state.log_cut.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let dir = &self.state.dir;
+        std::fs::remove_file(dir.join(LOG_CUT_FILE))
+            .and_then(|()| file::sync_dir(dir))
+            .map_err(|e| {
+                KvError::Io(format!(
+                    "cannot remove {}: {e}",
+                    dir.join(LOG_CUT_FILE).display()
+                ))
+            })?;
+        self.state.log_cut.store(false, Ordering::SeqCst);
+        info!("fenced by the frontend: the log cut at a corrupt record is accounted for");
+        Ok(())
+    }
+
     fn truncate(&mut self, epoch: Epoch, after: Seq) -> Result<LogPosition, KvError> {
         if let Some(e) = self.io_error() {
             return Err(e);
@@ -655,6 +689,7 @@ impl Writer {
         if after >= pos.seq {
             // Nothing to cut: a fence. The epoch is persisted and, the writer being one
             // queue, `pos` counts every append queued before this command.
+            self.clear_log_cut()?;
             return Ok(pos);
         }
         self.join_snapshot();
