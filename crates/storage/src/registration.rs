@@ -157,6 +157,20 @@ mod tests {
         (state, w, t)
     }
 
+    /// Stops the writer as shutdown does.
+    async fn close(w: WalWriter, t: crate::wal::writer::WriterThread) {
+        w.close().await;
+        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+    }
+
+    /// The epoch a node started on `dir` registers with.
+    async fn reported_epoch(dir: &Path) -> Option<Epoch> {
+        let (state, w, t) = open(dir);
+        let epoch = register_request(&registration(), &state).highest_epoch;
+        close(w, t).await;
+        epoch
+    }
+
     /// A node on an empty data dir registers with highest epoch 0; once a frontend has
     /// fenced it (as recovery does before making it in sync) it reports that epoch, also
     /// after a restart, even though its log is still empty.
@@ -172,13 +186,11 @@ mod tests {
             register_request(&registration(), &state).highest_epoch,
             Some(Epoch(3))
         );
-        w.close().await;
-        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+        close(w, t).await;
         let (state, w, t) = open(dir.path());
         let req = register_request(&registration(), &state);
         assert_eq!((req.highest_epoch, req.pos.seq), (Some(Epoch(3)), Seq(0)));
-        w.close().await;
-        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+        close(w, t).await;
     }
 
     /// A node whose log was cut at a corrupt record reports epoch 0 (it cannot vouch for
@@ -189,19 +201,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (state, w, t) = open(dir.path());
         w.truncate(Epoch(3), Seq(u64::MAX)).await.unwrap();
-        w.close().await;
-        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+        close(w, t).await;
         drop(state);
         // What `--discard-corrupt-tail` leaves after cutting at seq 8.
         std::fs::write(dir.path().join(crate::wal::LOG_CUT_FILE), "8\n").unwrap();
         for _ in 0..2 {
-            let (state, w, t) = open(dir.path());
-            assert_eq!(
-                register_request(&registration(), &state).highest_epoch,
-                Some(Epoch(0))
-            );
-            w.close().await;
-            tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+            assert_eq!(reported_epoch(dir.path()).await, Some(Epoch(0)));
         }
         let (state, w, t) = open(dir.path());
         // A fence (a truncate past the end): a frontend took this log into account.
@@ -211,14 +216,7 @@ mod tests {
             Some(Epoch(4))
         );
         assert!(!dir.path().join(crate::wal::LOG_CUT_FILE).exists());
-        w.close().await;
-        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
-        let (state, w, t) = open(dir.path());
-        assert_eq!(
-            register_request(&registration(), &state).highest_epoch,
-            Some(Epoch(4))
-        );
-        w.close().await;
-        tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+        close(w, t).await;
+        assert_eq!(reported_epoch(dir.path()).await, Some(Epoch(4)));
     }
 }
