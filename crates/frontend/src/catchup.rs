@@ -99,6 +99,16 @@ pub fn lost_its_disk(isr: &BTreeSet<NodeId>, id: &NodeId, highest_epoch: Option<
     isr.contains(id) && highest_epoch == Some(Epoch(0))
 }
 
+/// Whether recovery fences a registered node to confirm its position: every node except
+/// one that reported highest epoch 0 (nothing to vouch for, see [`lost_its_disk`]) and is
+/// not taken by the plan. Fencing it would persist an epoch in its empty data dir or end a
+/// cut log's disowning, so that after a frontend crash before the new ISR is persisted it
+/// would look healthy; whether it is an ISR member is not asked, because the in-memory ISR
+/// can be ahead of the persisted one while a failed persist is retried. Pure.
+pub fn fence_in_recovery(in_plan: bool, highest_epoch: Option<Epoch>) -> bool {
+    in_plan || highest_epoch != Some(Epoch(0))
+}
+
 /// What recovery knows when it decides.
 #[derive(Clone, Debug)]
 pub struct RecoveryInput<'a> {
@@ -993,6 +1003,17 @@ mod tests {
         };
         assert_eq!(plan.truth, NodeId("b".into()));
         assert_eq!(plan.isr, vec![NodeId("b".into())], "a catches up later");
+    }
+
+    #[test]
+    fn recovery_fences_only_nodes_that_vouch_or_that_the_plan_takes() {
+        assert!(fence_in_recovery(false, Some(Epoch(3))));
+        assert!(fence_in_recovery(false, None), "an older node: as before");
+        assert!(!fence_in_recovery(false, Some(Epoch(0))), "member or not");
+        assert!(
+            fence_in_recovery(true, Some(Epoch(0))),
+            "a fresh cluster, an unsafe truth"
+        );
     }
 
     /// A fresh cluster starts on empty data dirs: the rule does not apply.

@@ -14,7 +14,8 @@
 //! Recovery runs under the write gate, so no batch is in flight while the truth is chosen.
 
 use crate::catchup::{
-    decide_recovery, lost_its_disk, run_catchup, Candidate, Decision, Plan, RecoveryInput,
+    decide_recovery, fence_in_recovery, lost_its_disk, run_catchup, Candidate, Decision, Plan,
+    RecoveryInput,
 };
 use crate::cluster::Cluster;
 use crate::isr::join_ids;
@@ -99,17 +100,13 @@ async fn recovery_step(cluster: &Cluster, grace: &mut Grace) {
     // out here but still sits in a node's queue is counted, not written after the truth
     // is chosen (where the next epoch's records would be taken for copies of it).
     //
-    // An ISR member that lost its disk is not fenced unless the plan takes it (only an
-    // unsafe recovery can): the fence persists our epoch in its empty data dir, and if this
-    // frontend then died before persisting the new ISR, the node would register with the
-    // next one as an in-sync node with an epoch, no longer recognisable as wiped.
+    // Except a node with nothing to vouch for that the plan does not take
+    // (`fence_in_recovery`).
     let epoch = cluster.m().state.epoch;
     let candidates: Vec<NodeId> = {
         let m = cluster.m();
         m.live()
-            .filter(|(id, n)| {
-                plan.isr.contains(id) || !lost_its_disk(&m.state.isr, id, n.highest_epoch)
-            })
+            .filter(|(id, n)| fence_in_recovery(plan.isr.contains(id), n.highest_epoch))
             .map(|(id, _)| id.clone())
             .collect()
     };

@@ -218,5 +218,16 @@ mod tests {
         assert!(!dir.path().join(crate::wal::LOG_CUT_FILE).exists());
         close(w, t).await;
         assert_eq!(reported_epoch(dir.path()).await, Some(Epoch(4)));
+        // A marker removed by hand while the node runs: the next fence must not fail on it.
+        let marker = dir.path().join(crate::wal::LOG_CUT_FILE);
+        std::fs::write(&marker, "9\n").unwrap();
+        let (state, w, t) = open(dir.path());
+        std::fs::remove_file(&marker).unwrap();
+        w.truncate(Epoch(5), Seq(u64::MAX)).await.unwrap();
+        assert_eq!(
+            register_request(&registration(), &state).highest_epoch,
+            Some(Epoch(5))
+        );
+        close(w, t).await;
     }
 }

@@ -667,7 +667,12 @@ impl Writer {
             return Ok(());
         }
         let dir = &self.state.dir;
+        // Already gone (removed by hand) is as good as removed.
         std::fs::remove_file(dir.join(LOG_CUT_FILE))
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            })
             .and_then(|()| file::sync_dir(dir))
             .map_err(|e| {
                 KvError::Io(format!(
