@@ -40,7 +40,8 @@ async fn limits_are_typed_errors() {
 /// Values of control characters, which JSON writes in 6 bytes each, written at once: each
 /// is within the limits, so each is accepted, and the batches they share fit the storage
 /// nodes' frame limit (a too-large append made every node drop the connection, the frontend
-/// start a recovery, and retries repeat it). The in-sync set and the epoch never change.
+/// start a recovery, and retries repeat it). Reads of them are answered in frames that fit
+/// too, and a scan too large to send is refused. The in-sync set and the epoch never change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_that_escape_six_fold_replicate_without_a_recovery() {
     let cluster = TestCluster::start(ClusterOptions::default()).await;
@@ -69,6 +70,22 @@ async fn values_that_escape_six_fold_replicate_without_a_recovery() {
     for i in 0..4 {
         assert_eq!(c.get(&format!("ctl{i}")).await.unwrap().value, value);
     }
+    // A scan whose answer the nodes could not send (4 x 6 MB as JSON) is refused with a
+    // typed error instead of closing the node's connection; one key at a time works.
+    match c.scan("ctl", 10).await {
+        Err(KvError::TooLarge { what, .. }) => assert!(what.contains("fewer keys"), "{what}"),
+        other => panic!("expected TooLarge, got {:?}", other.map(|v| v.len())),
+    }
+    let one = c.scan("ctl", 1).await.unwrap();
+    assert_eq!((one.len(), one[0].value.len()), (1, value.len()));
+    let st = cluster.status().await.expect("status");
+    assert_eq!(st.epoch, before, "a recovery ran after the reads: {st:?}");
+    assert!(
+        st.nodes
+            .iter()
+            .all(|n| n.role == walkv_shared::types::NodeRole::InSync),
+        "a node left the in-sync set after the reads: {st:?}"
+    );
 }
 
 fn send_garbage(addr: &str) {

@@ -224,6 +224,8 @@ async fn scan_once(
                     },
                 );
             }
+            // The same answer on every node: the client must ask for fewer keys.
+            Err(e @ KvError::TooLarge { .. }) => return Err(e),
             Err(e) => {
                 debug!(node = %id, error = %e, "scan failed; trying another in-sync node");
                 last_err = Some(e);

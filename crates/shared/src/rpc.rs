@@ -168,8 +168,8 @@ pub struct NodeIdentity {
     pub pos: LogPosition,
 }
 
-/// Value bytes after which a `read_many` answer stops (it always answers at least one
-/// key), keeping its frame well below the storage nodes' default 8 MiB limit.
+/// Bytes of keys and values, as JSON (escaping included), that a `read_many` answer stops
+/// before; it always answers at least one key, which a node's frame limit holds.
 pub const READ_MANY_MAX_BYTES: usize = 2 << 20;
 
 /// Most bytes JSON takes per byte of a string: a control character is written `\u00XX`.
@@ -208,6 +208,12 @@ pub fn append_bytes(client: &str, op: &WriteOp) -> usize {
     };
     RECORD_FIELDS_BYTES + json_str_len(client) + json_str_len(op.key()) + value
 }
+
+/// Bytes of keys and values, as JSON (escaping included), above which a node answers a
+/// scan of more than one key with `TooLarge` instead of a frame it could not send (one key
+/// always fits: a node's frame limit holds one maximal value escaped). Scans have no
+/// continuation, so a shorter answer would read as the end of the range.
+pub const SCAN_MAX_BYTES: usize = 2 << 20;
 
 /// A batch of records to append.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -16,7 +16,7 @@ use tarpc::context::Context;
 use tracing::{debug, instrument, warn};
 use walkv_shared::rpc::{
     AppendRequest, Digest, FetchReply, NodeIdentity, ReadReply, ScanReply, SnapshotChunk,
-    SnapshotPage, Storage, READ_MANY_MAX_BYTES,
+    SnapshotPage, Storage,
 };
 use walkv_shared::types::LogPosition;
 use walkv_shared::types::Outcome;
@@ -214,18 +214,7 @@ impl Storage for StorageServer {
     ) -> Result<Vec<ReadReply>, KvError> {
         self.auth(&token)?;
         self.wait_applied(min_seq).await?;
-        let store = self.inner.state.store();
-        let mut replies = Vec::with_capacity(keys.len());
-        let mut bytes = 0;
-        for key in &keys {
-            if bytes >= READ_MANY_MAX_BYTES {
-                break;
-            }
-            let (value, last_touch) = store.get(key);
-            bytes += key.len() + value.as_ref().map_or(0, |v| v.value.len());
-            replies.push(ReadReply { value, last_touch });
-        }
-        Ok(replies)
+        Ok(self.inner.state.store().read_many(&keys))
     }
 
     async fn scan(
@@ -239,7 +228,7 @@ impl Storage for StorageServer {
         self.auth(&token)?;
         self.wait_applied(min_seq).await?;
         let store = self.inner.state.store();
-        let items = store.scan(&prefix, (limit as usize).min(MAX_PAGE_ITEMS));
+        let items = store.scan_bounded(&prefix, (limit as usize).min(MAX_PAGE_ITEMS))?;
         Ok(ScanReply {
             items,
             applied: store.pos().seq,

@@ -35,21 +35,27 @@
 use imbl::OrdMap;
 use std::collections::VecDeque;
 use std::sync::Arc;
-use walkv_shared::rpc::{ClientEntry, Digest, FetchReply};
+use walkv_shared::rpc::{
+    json_str_len, ClientEntry, Digest, FetchReply, ReadReply, READ_MANY_MAX_BYTES, SCAN_MAX_BYTES,
+};
 use walkv_shared::types::{KeyValue, LogPosition, Outcome, Versioned, WriteOp};
-use walkv_shared::{Epoch, Record, Seq};
+use walkv_shared::{Epoch, KvError, Record, Seq};
 
-/// Most key and value bytes one `fetch` page carries (plus one record), keeping a page well
-/// below the default 8 MiB frame limit even with JSON escaping.
+/// Most bytes of client ids, keys and values, as JSON (escaping included), one `fetch`
+/// page carries; a record that does not fit goes alone. So a page stays below a storage
+/// node's frame limit, which holds one maximal record escaped (checked at start).
 pub const FETCH_MAX_BYTES: usize = 2 << 20;
 
-/// Key and value bytes of a record: the measure behind [`FETCH_MAX_BYTES`].
+/// Client id, key and value bytes of a record as JSON: the measure behind
+/// [`FETCH_MAX_BYTES`].
 pub fn record_bytes(r: &Record) -> usize {
     use walkv_shared::Op;
-    r.client.len()
+    json_str_len(&r.client)
         + match &r.op {
-            Op::Put { key, value } | Op::Cas { key, value, .. } => key.len() + value.len(),
-            Op::Delete { key } => key.len(),
+            Op::Put { key, value } | Op::Cas { key, value, .. } => {
+                json_str_len(key) + json_str_len(value)
+            }
+            Op::Delete { key } => json_str_len(key),
         }
 }
 
@@ -199,12 +205,12 @@ impl Applied {
 
     /// [`record_bytes`] of [`Applied::record`], without building it.
     fn bytes(&self) -> usize {
-        self.client.len()
+        json_str_len(&self.client)
             + match &self.op {
                 AppliedOp::Put { key, value } | AppliedOp::Cas { key, value, .. } => {
-                    key.len() + value.len()
+                    json_str_len(key) + json_str_len(value)
                 }
-                AppliedOp::Delete { key } => key.len(),
+                AppliedOp::Delete { key } => json_str_len(key),
             }
     }
 }
@@ -442,6 +448,44 @@ impl Store {
         for key in committed {
             self.tombstones.remove(&key);
         }
+    }
+
+    /// [`Store::get`] of `keys` in order, stopping before the answer's keys and values as
+    /// JSON (escaping included) would pass [`READ_MANY_MAX_BYTES`]; the first key is always
+    /// answered. The caller asks again for the rest.
+    pub fn read_many(&self, keys: &[String]) -> Vec<ReadReply> {
+        let mut replies = Vec::with_capacity(keys.len());
+        let mut bytes = 0;
+        for key in keys {
+            let (value, last_touch) = self.get(key);
+            let b = json_str_len(key) + value.as_ref().map_or(0, |v| json_str_len(&v.value));
+            if !replies.is_empty() && bytes + b > READ_MANY_MAX_BYTES {
+                break;
+            }
+            bytes += b;
+            replies.push(ReadReply { value, last_touch });
+        }
+        replies
+    }
+
+    /// [`Store::scan`], refused with `TooLarge` when more than one key would pass
+    /// [`SCAN_MAX_BYTES`] of keys and values as JSON: the node could not send that frame.
+    pub fn scan_bounded(&self, prefix: &str, limit: usize) -> Result<Vec<KeyValue>, KvError> {
+        let items = self.scan(prefix, limit);
+        let bytes: usize = items
+            .iter()
+            .map(|kv| json_str_len(&kv.key) + json_str_len(&kv.value))
+            .sum();
+        if items.len() > 1 && bytes > SCAN_MAX_BYTES {
+            return Err(KvError::TooLarge {
+                what: format!(
+                    "scan answer ({} keys, {bytes} bytes as JSON; ask for fewer keys)",
+                    items.len()
+                ),
+                limit: SCAN_MAX_BYTES as u64,
+            });
+        }
+        Ok(items)
     }
 
     /// The value of `key` and the seq of the newest record known to have touched it.
@@ -1016,6 +1060,55 @@ pub(crate) mod tests {
             1,
             "an oversized record still goes alone, so catch-up progresses"
         );
+    }
+
+    /// Replies counted as JSON: values of control characters (6 bytes each as JSON) within
+    /// the limits fill a page or a read batch in fewer keys, so the frame a node answers
+    /// with stays under its 8 MiB default. Counted raw, two 1,000,000-byte values shared a
+    /// 12 MB reply, which the node cannot send: it closes the connection, and with it the
+    /// appends in flight on it.
+    #[test]
+    fn fetch_pages_reads_and_scans_fit_a_frame_when_escaped() {
+        let mut s = Store::new();
+        let ctl = "\u{1}".repeat(1_000_000);
+        for i in 1..=4 {
+            s.apply(&put(i, &format!("k{i}"), &ctl));
+        }
+        let frame = 8 << 20;
+        let FetchReply::Records(r) = s.fetch(Seq(1), 100) else {
+            panic!("records expected")
+        };
+        let page = serde_json::to_vec(&FetchReply::Records(r.clone()))
+            .unwrap()
+            .len();
+        assert_eq!(r.len(), 1, "one such record per page ({page} bytes)");
+        assert!(page < frame, "{page}");
+        let keys: Vec<String> = (1..=4).map(|i| format!("k{i}")).collect();
+        let replies = s.read_many(&keys);
+        let answer = serde_json::to_vec(&replies).unwrap().len();
+        assert_eq!(
+            replies.len(),
+            1,
+            "one such value per answer ({answer} bytes)"
+        );
+        assert!(answer < frame, "{answer}");
+        // A scan over them is refused rather than answered in a frame too large to send.
+        assert!(matches!(
+            s.scan_bounded("k", 10),
+            Err(KvError::TooLarge { .. })
+        ));
+        assert_eq!(
+            s.scan_bounded("k1", 10).unwrap().len(),
+            1,
+            "one key always goes"
+        );
+        // Plain small values share one answer.
+        let mut small = Store::new();
+        for i in 1..=4 {
+            small.apply(&put(i, &format!("k{i}"), "v"));
+        }
+        assert_eq!(small.read_many(&keys).len(), 4);
+        assert_eq!(small.scan_bounded("k", 10).unwrap().len(), 4);
     }
 
     #[test]
