@@ -58,14 +58,7 @@ async fn values_that_escape_six_fold_replicate_without_a_recovery() {
         let (i, put) = done.unwrap();
         assert!(put.is_ok(), "write {i}: {put:?}");
     }
-    let st = cluster.status().await.expect("status");
-    assert_eq!(st.epoch, before, "a recovery ran: {st:?}");
-    assert!(
-        st.nodes
-            .iter()
-            .all(|n| n.role == walkv_shared::types::NodeRole::InSync),
-        "a node left the in-sync set: {st:?}"
-    );
+    assert_undisturbed(&cluster, before, "the writes").await;
     let mut c = cluster.client("escape-read").await;
     for i in 0..4 {
         assert_eq!(c.get(&format!("ctl{i}")).await.unwrap().value, value);
@@ -78,13 +71,18 @@ async fn values_that_escape_six_fold_replicate_without_a_recovery() {
     }
     let one = c.scan("ctl", 1).await.unwrap();
     assert_eq!((one.len(), one[0].value.len()), (1, value.len()));
+    assert_undisturbed(&cluster, before, "the reads").await;
+}
+
+/// Every node still in sync and no recovery since `epoch`.
+async fn assert_undisturbed(cluster: &TestCluster, epoch: walkv_shared::Epoch, after: &str) {
     let st = cluster.status().await.expect("status");
-    assert_eq!(st.epoch, before, "a recovery ran after the reads: {st:?}");
+    assert_eq!(st.epoch, epoch, "a recovery ran after {after}: {st:?}");
     assert!(
         st.nodes
             .iter()
             .all(|n| n.role == walkv_shared::types::NodeRole::InSync),
-        "a node left the in-sync set after the reads: {st:?}"
+        "a node left the in-sync set after {after}: {st:?}"
     );
 }
 
