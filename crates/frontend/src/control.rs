@@ -4,8 +4,8 @@
 //! - run the heartbeat failure detector;
 //! - while `Recovering`: bump and persist the epoch (once per recovery), ask
 //!   [`decide_recovery`] whether the registered nodes allow a decision, and if so confirm
-//!   the nodes' log ends with `identity` and fence them at the new epoch (except ISR members
-//!   that lost their disk and are left out of the plan), truncate divergent tails, persist
+//!   the nodes' log ends with `identity` and fence them at the new epoch (except nodes that
+//!   reported highest epoch 0 and are left out of the plan), truncate divergent tails, persist
 //!   the new ISR and epoch table entry `(epoch, L + 1)`, set the commit index to `L` and
 //!   start serving. While it waits, the reason is shown by `status`; this runs every tick,
 //!   so it logs nothing per attempt (the registry warns once per registration);
