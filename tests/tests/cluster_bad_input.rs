@@ -6,8 +6,8 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 use walkv_shared::KvError;
-use walkv_tests::cluster::{ClusterOptions, TestCluster};
-use walkv_tests::process::{bin_path, free_addr, NodeProcess};
+use walkv_tests::cluster::{ClusterOptions, TestCluster, CONVERGE_TIMEOUT};
+use walkv_tests::process::{bin_path, free_addr, wait_until_async, NodeProcess};
 
 /// How long a process refusing to start may take to exit.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -72,6 +72,52 @@ async fn values_that_escape_six_fold_replicate_without_a_recovery() {
     let one = c.scan("ctl", 1).await.unwrap();
     assert_eq!((one.len(), one[0].value.len()), (1, value.len()));
     assert_undisturbed(&cluster, before, "the reads").await;
+}
+
+/// A node that missed writes of such values catches up from a snapshot in pages that fit
+/// a frame. Pages were bounded by key count only (2,000): the source could not send a page
+/// of six 6 MB values and closed the connection, which its appends share with the
+/// catch-up, and the catch-up retried with halved pages until one fitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_escaped_values_catches_up_in_pages_that_fit() {
+    let mut cluster = TestCluster::start(ClusterOptions {
+        snapshot_every: 6,
+        ..Default::default()
+    })
+    .await;
+    cluster.nodes[2].process.kill();
+    let mut c = cluster.client("snap-escape").await;
+    let value: String = "\u{1}".repeat(1_000_000);
+    for i in 0..6 {
+        c.put(&format!("big{i}"), &value).await.unwrap();
+    }
+    // The sources must have compacted the records away, so that the catch-up copies a
+    // snapshot instead of fetching records.
+    for n in &cluster.nodes[..2] {
+        let compacted = wait_until_async(CONVERGE_TIMEOUT, || async {
+            n.process.log().contains("snapshot written")
+        })
+        .await;
+        assert!(compacted, "{} wrote no snapshot", n.id);
+    }
+    let before = cluster.status().await.expect("status").epoch;
+    let logged = cluster.frontend.log().len();
+    cluster.nodes[2].process.restart();
+    cluster.wait_in_sync(3).await;
+    let log = cluster.frontend.log()[logged..].to_string();
+    assert!(
+        log.contains("copying snapshot"),
+        "the catch-up did not copy a snapshot:\n{log}"
+    );
+    for trouble in ["catch-up attempt failed", "in-sync set shrank"] {
+        assert!(
+            !log.contains(trouble),
+            "{trouble} during the catch-up:\n{log}"
+        );
+    }
+    assert_undisturbed(&cluster, before, "the catch-up").await;
+    let digest = cluster.wait_converged().await;
+    assert_eq!(digest.keys, 6);
 }
 
 /// Every node still in sync and no recovery since `epoch`.

@@ -172,6 +172,11 @@ pub struct NodeIdentity {
 /// before; it always answers at least one key, which a node's frame limit holds.
 pub const READ_MANY_MAX_BYTES: usize = 2 << 20;
 
+/// Bytes of items, as JSON (escaping included), that a `snapshot_page` answer stops
+/// before; it always carries at least one item, which a node's frame limit holds. The
+/// catch-up sends each page on as one `install_snapshot` chunk, so the bound holds there too.
+pub const SNAPSHOT_PAGE_MAX_BYTES: usize = 2 << 20;
+
 /// Most bytes JSON takes per byte of a string: a control character is written `\u00XX`.
 pub const JSON_ESCAPE_MAX: usize = 6;
 

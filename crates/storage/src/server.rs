@@ -16,14 +16,15 @@ use tarpc::context::Context;
 use tracing::{debug, instrument, warn};
 use walkv_shared::rpc::{
     AppendRequest, Digest, FetchReply, NodeIdentity, ReadReply, ScanReply, SnapshotChunk,
-    SnapshotPage, Storage,
+    SnapshotPage, Storage, SNAPSHOT_PAGE_MAX_BYTES,
 };
 use walkv_shared::types::LogPosition;
 use walkv_shared::types::Outcome;
 use walkv_shared::{Epoch, KvError, NodeId, Seq};
 
 /// Most records, keys or items one `fetch`, `scan` or `snapshot_page` returns, whatever
-/// the caller asks: keeps every reply well below the frame limit for typical values.
+/// the caller asks. Each is bounded in bytes too (`FETCH_MAX_BYTES`, `SCAN_MAX_BYTES`,
+/// `SNAPSHOT_PAGE_MAX_BYTES`), so a reply fits the frame limit whatever the values.
 pub const MAX_PAGE_ITEMS: usize = 10_000;
 
 /// Longest an append that arrived before the append it follows waits for it (the frontend
@@ -276,8 +277,14 @@ impl Storage for StorageServer {
         let resume = self.page_resume(snapshot_seq, after_key.as_deref());
         let page = tokio::task::spawn_blocking(move || {
             let path = dir.join(snapshot::snapshot_name(snapshot_seq));
-            snapshot::read_page_at(&path, after_key.as_deref(), max, resume)
-                .map(|(h, items, done, next)| (h, items, done, after_key.is_none(), next))
+            snapshot::read_page_at(
+                &path,
+                after_key.as_deref(),
+                max,
+                SNAPSHOT_PAGE_MAX_BYTES,
+                resume,
+            )
+            .map(|(h, items, done, next)| (h, items, done, after_key.is_none(), next))
         })
         .await
         .map_err(|e| KvError::Internal(format!("snapshot page task failed: {e}")))?;

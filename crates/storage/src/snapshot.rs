@@ -305,12 +305,16 @@ pub fn remove_superseded(dir: &Path, seq: Seq) -> io::Result<()> {
 
 /// One page of keys after `after_key` from the snapshot file at `path` (streamed, so a
 /// large snapshot is never loaded whole to serve a page).
+///
+/// A page holds at most `max` keys and stops before its items, as the JSON lines the file
+/// holds them in, pass `max_bytes`; the first item always goes, so paging progresses.
 pub fn read_page(
     path: &Path,
     after_key: Option<&str>,
     max: usize,
+    max_bytes: usize,
 ) -> io::Result<(Header, Vec<KeyValue>, bool)> {
-    read_page_at(path, after_key, max, None).map(|(h, items, done, _)| (h, items, done))
+    read_page_at(path, after_key, max, max_bytes, None).map(|(h, items, done, _)| (h, items, done))
 }
 
 /// [`read_page`] that starts reading key lines at byte `resume` (the offset the previous
@@ -322,6 +326,7 @@ pub fn read_page_at(
     path: &Path,
     after_key: Option<&str>,
     max: usize,
+    max_bytes: usize,
     resume: Option<u64>,
 ) -> io::Result<(Header, Vec<KeyValue>, bool, u64)> {
     use std::io::{Seek, SeekFrom};
@@ -343,6 +348,7 @@ pub fn read_page_at(
         offset = at;
     }
     let mut items = Vec::new();
+    let mut bytes = 0usize;
     loop {
         line.clear();
         let n = reader.read_line(&mut line)?;
@@ -355,11 +361,18 @@ pub fn read_page_at(
         if items.len() == max {
             return Ok((header, items, false, offset));
         }
-        offset += n as u64;
         let kv: KeyValue = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
         if after_key.is_some_and(|a| kv.key.as_str() <= a) {
+            offset += n as u64;
             continue;
         }
+        // The line is the item as JSON, as the answer carries it: stop before the page
+        // outgrows the bound, leaving this line to the next page.
+        if !items.is_empty() && bytes + n > max_bytes {
+            return Ok((header, items, false, offset));
+        }
+        offset += n as u64;
+        bytes += n;
         items.push(kv);
     }
 }
@@ -455,7 +468,7 @@ mod tests {
         let mut after: Option<String> = None;
         let mut seen = Vec::new();
         loop {
-            let (h, items, done) = read_page(&path, after.as_deref(), 7).unwrap();
+            let (h, items, done) = read_page(&path, after.as_deref(), 7, usize::MAX).unwrap();
             assert_eq!(h.seq, Seq(25));
             after = items.last().map(|kv| kv.key.clone()).or(after);
             seen.extend(items);
@@ -469,7 +482,8 @@ mod tests {
         // start) still skips what was already sent.
         let (mut after, mut at, mut resumed) = (None::<String>, None, Vec::new());
         loop {
-            let (_, items, done, next) = read_page_at(&path, after.as_deref(), 7, at).unwrap();
+            let (_, items, done, next) =
+                read_page_at(&path, after.as_deref(), 7, usize::MAX, at).unwrap();
             after = items.last().map(|kv| kv.key.clone()).or(after);
             at = Some(next);
             resumed.extend(items);
@@ -478,7 +492,53 @@ mod tests {
             }
         }
         assert_eq!(resumed, seen);
-        let (_, from_start, _, _) = read_page_at(&path, Some("k010"), 3, Some(0)).unwrap();
+        let (_, from_start, _, _) =
+            read_page_at(&path, Some("k010"), 3, usize::MAX, Some(0)).unwrap();
         assert_eq!(from_start[0].key, "k011");
+    }
+
+    /// Pages are bounded by their items' bytes as JSON, escaping included, as well as by
+    /// count (a count alone let a catch-up page of large values outgrow the source's frame
+    /// limit, and the source then closed the connection its appends shared); a page always
+    /// carries one item, however large.
+    #[test]
+    fn pages_of_escaped_values_stop_at_the_byte_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::new();
+        for i in 1..=7 {
+            let value = "\u{1}".repeat(if i == 4 { 5_000 } else { 1_000 });
+            s.apply(&put(i, &format!("k{i}"), &value));
+        }
+        let path = write(dir.path(), &s.snapshot_data()).unwrap();
+        let json = |kv: &KeyValue| serde_json::to_string(kv).unwrap().len() + 1;
+        let max_bytes = 20_000;
+        let (mut after, mut at, mut pages) = (None::<String>, None, Vec::new());
+        loop {
+            let (_, items, done, next) =
+                read_page_at(&path, after.as_deref(), 1000, max_bytes, at).unwrap();
+            after = items.last().map(|kv| kv.key.clone()).or(after);
+            at = Some(next);
+            pages.push(items);
+            if done {
+                break;
+            }
+        }
+        let sizes: Vec<Vec<usize>> = pages
+            .iter()
+            .map(|p| p.iter().map(json).collect())
+            .collect();
+        // 6,000-odd bytes a value: three fit in 20,000; the 30,000-byte one goes alone.
+        assert_eq!(
+            sizes.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![3, 1, 3],
+            "{sizes:?}"
+        );
+        for page in &sizes {
+            assert!(
+                page.len() <= 1 || page.iter().sum::<usize>() <= max_bytes,
+                "{sizes:?}"
+            );
+        }
+        assert_eq!(pages.concat(), s.scan("", usize::MAX));
     }
 }
