@@ -301,10 +301,26 @@ impl Progress {
 }
 
 /// The current page size: halved after a failed attempt, doubled (up to
-/// `catchup_page_max`) after each successful page, so that pages of large values that do
-/// not fit a frame still get through.
-#[derive(Debug, Clone, Copy)]
+/// `catchup_page_max`) after each page copied, so that pages too large for a frame still
+/// get through. (A source bounds its pages by bytes too; this covers what that bound does
+/// not, such as a node of an older version.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PageSize(u32);
+
+impl PageSize {
+    /// After a failed attempt: half, at least one.
+    fn shrink(&mut self) {
+        self.0 = (self.0 / 2).max(1);
+    }
+
+    /// After a page copied (its records appended, or its snapshot installed): double, up
+    /// to `max`. Not when the page was merely fetched: a snapshot page that fails to
+    /// arrive follows a successful `fetch`, and growing then undid every shrink, so the
+    /// same too-large page was asked for forever.
+    fn grow(&mut self, max: u32) {
+        self.0 = self.0.saturating_mul(2).min(max);
+    }
+}
 
 /// Why a catch-up task stopped early.
 enum Stop {
@@ -331,7 +347,7 @@ pub async fn run_catchup(cluster: Arc<Cluster>, id: NodeId, session: u64) {
             Ok(()) | Err(Stop::Superseded) => return,
             Err(Stop::Failed(e)) => {
                 // A page too large for a frame fails every time; halving it makes progress.
-                page.0 = (page.0 / 2).max(1);
+                page.shrink();
                 warn!(node = %id, error = %e, retry_in_ms = backoff.as_millis() as u64, page = page.0, "catch-up attempt failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -449,11 +465,7 @@ async fn copy_page(
     let source = pick_source(cluster)?;
     let max = page.0;
     let reply = cluster.pool.fetch(&source, at.seq.next(), max).await?;
-    page.0 = page
-        .0
-        .saturating_mul(2)
-        .min(cluster.config.catchup_page_max);
-    match reply {
+    let end = match reply {
         FetchReply::Records(mut records) => {
             records.retain(|r| r.seq <= commit);
             let Some(last) = records.last() else {
@@ -471,8 +483,8 @@ async fn copy_page(
                 ))));
             }
             progress.phase = "log";
-            // In appends no larger than a write batch: a page is bounded by raw bytes, and
-            // escaping can make it several times larger than a node's frame limit.
+            // In appends no larger than a write batch (escaping included), the bound a
+            // node's frame limit is checked against; a fetched page may be larger.
             for chunk in byte_chunks(records) {
                 let n = chunk.len() as u64;
                 cluster
@@ -488,15 +500,17 @@ async fn copy_page(
                     .await?;
                 progress.done += n;
             }
-            Ok(end)
+            end
         }
         FetchReply::SnapshotNeeded { snapshot_seq, keys } => {
             info!(node = %id, source = %source, snapshot_seq = %snapshot_seq, keys, "records compacted away; copying snapshot");
             progress.phase = "snapshot";
             progress.total = progress.total.max(progress.done + keys);
-            copy_snapshot(cluster, &source, id, epoch, snapshot_seq, progress, max).await
+            copy_snapshot(cluster, &source, id, epoch, snapshot_seq, progress, max).await?
         }
-    }
+    };
+    page.grow(cluster.config.catchup_page_max);
+    Ok(end)
 }
 
 /// Time a node may take per installed key to persist a snapshot on its last chunk: a 1M-key

@@ -137,6 +137,9 @@ struct Fake {
     /// The append whose first seq is this is written, but answered `Unavailable` (its
     /// answer lost on the way back); `u64::MAX`: none.
     lose_answer_of: Arc<std::sync::atomic::AtomicU64>,
+    /// `snapshot_page` asked for more keys than this fails `Unavailable`, as a page too
+    /// large for the node's frame limit closes its connection; `u32::MAX`: none.
+    snapshot_page_fits: Arc<std::sync::atomic::AtomicU32>,
     /// The last seq `append` wrote: an append that overtook the one before it waits (at
     /// most `WAIT`) until the log reaches it, as on a real node.
     appended: Arc<watch::Sender<u64>>,
@@ -403,6 +406,12 @@ impl Storage for Fake {
         max: u32,
     ) -> Result<SnapshotPage, KvError> {
         self.check(&token)?;
+        if max > self.snapshot_page_fits.load(Ordering::SeqCst) {
+            return Err(KvError::Unavailable(format!(
+                "storage node {}: connection closed (a page of {max} keys is too large)",
+                self.id
+            )));
+        }
         let d = self.data.lock().unwrap();
         let snap = d
             .snap
@@ -501,6 +510,7 @@ async fn start_fake(name: &str, registry: String, data: Arc<Mutex<Data>>) -> Fak
         answer_held_from: Arc::new(watch::Sender::new(u64::MAX)),
         appended: Arc::new(watch::Sender::new(0)),
         lose_answer_of: Arc::new(u64::MAX.into()),
+        snapshot_page_fits: Arc::new(u32::MAX.into()),
     };
     let end = fake.data.lock().unwrap().pos().seq.0;
     fake.appended.send_replace(end);
@@ -903,6 +913,33 @@ async fn failed_node_leaves_isr_persisted_then_catches_up_via_snapshot_and_rejoi
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("state.json")).unwrap()).unwrap();
     assert_eq!(state["isr"], serde_json::json!(["a", "b"]));
+    fe.stop().await;
+}
+
+/// A snapshot page too large to arrive is asked for again in halves until one does.
+/// The page size grew back on every successful `fetch`, which precedes each snapshot
+/// page: a too-large page was then asked for forever and the node never caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_pages_too_large_to_arrive_shrink_until_they_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let fe = start_frontend(config(dir.path())).await;
+    let a = start_fake("a", fe.registry.clone(), Default::default()).await;
+    let b = start_fake("b", fe.registry.clone(), Default::default()).await;
+    fe.wait_in_sync(2).await;
+    b.failing.store(true, Ordering::SeqCst);
+    for i in 0..20 {
+        fe.put("w", i + 1, &format!("k{i:02}"), "v").await.unwrap();
+    }
+    a.compact();
+    // `catchup_page_max` is 7: pages of 2 keys at most arrive, fewer than half of it.
+    a.snapshot_page_fits.store(2, Ordering::SeqCst);
+    b.failing.store(false, Ordering::SeqCst);
+    fe.wait_in_sync(2).await;
+    assert_eq!(
+        a.contents().1,
+        b.contents().1,
+        "b converged on a's contents"
+    );
     fe.stop().await;
 }
 
