@@ -523,10 +523,7 @@ mod tests {
                 break;
             }
         }
-        let sizes: Vec<Vec<usize>> = pages
-            .iter()
-            .map(|p| p.iter().map(json).collect())
-            .collect();
+        let sizes: Vec<Vec<usize>> = pages.iter().map(|p| p.iter().map(json).collect()).collect();
         // 6,000-odd bytes a value: three fit in 20,000; the 30,000-byte one goes alone.
         assert_eq!(
             sizes.iter().map(Vec::len).collect::<Vec<_>>(),
