@@ -13,7 +13,10 @@ use walkv_tests::process::{bin_path, free_addr, wait_until_async, NodeProcess};
 const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Oversized keys and values get `TooLarge`, an empty key `InvalidKey`, and the
-/// connection stays usable.
+/// connection stays usable. A value too large for the frontend's old frame limit (10 MB)
+/// gets the frontend's typed answer too: the frontend closed the connection and the client
+/// retried until it reported an unknown outcome. One too large for the client's own frame
+/// limit is refused before sending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_are_typed_errors() {
     let cluster = TestCluster::start(ClusterOptions {
@@ -31,6 +34,21 @@ async fn limits_are_typed_errors() {
     match c.put("k", &big_value).await {
         Err(KvError::TooLarge { limit, .. }) => assert_eq!(limit, 1 << 20),
         other => panic!("expected TooLarge, got {other:?}"),
+    }
+    let huge_value = "v".repeat(10_000_000);
+    match c.put("k", &huge_value).await {
+        Err(KvError::TooLarge { what, limit }) => {
+            assert_eq!((what.as_str(), limit), ("value", 1 << 20))
+        }
+        other => panic!("expected the frontend's TooLarge, got {other:?}"),
+    }
+    let beyond_the_client = "v".repeat(17 << 20);
+    match c.put("k", &beyond_the_client).await {
+        Err(KvError::TooLarge { what, limit }) => {
+            assert!(what.contains("max_frame_bytes"), "{what}");
+            assert_eq!(limit, 16 << 20);
+        }
+        other => panic!("expected the client's TooLarge, got {other:?}"),
     }
     assert!(matches!(c.put("", "v").await, Err(KvError::InvalidKey(_))));
     c.put("k", "fine").await.unwrap();

@@ -16,7 +16,9 @@ pub struct ClientConfig {
     pub retry_deadline_ms: u64,
     /// TCP connect timeout, in ms. Default 2000.
     pub connect_timeout_ms: u64,
-    /// Largest frame accepted from the frontend, in bytes. Default 16 MiB.
+    /// Largest frame sent to or accepted from the frontend, in bytes. A request that could
+    /// be larger is refused with `TooLarge` before sending. Default 16 MiB, which the
+    /// frontend always accepts (so its own limits answer); raise it only with the frontend's.
     pub max_frame_bytes: u64,
 }
 
@@ -27,7 +29,7 @@ impl Default for ClientConfig {
             request_timeout_ms: 5000,
             retry_deadline_ms: 15000,
             connect_timeout_ms: 2000,
-            max_frame_bytes: 16 << 20,
+            max_frame_bytes: walkv_shared::rpc::CLIENT_MAX_FRAME_DEFAULT as u64,
         }
     }
 }

@@ -21,11 +21,19 @@
 //! When retries are exhausted and some attempt may have reached the frontend (a timeout or
 //! a connection lost mid-request), a write returns `KvError::Timeout`: it may or may not
 //! have committed. `Unavailable` means no attempt could have been applied.
+//!
+//! # Request size
+//!
+//! A request whose frame could exceed `max_frame_bytes` is refused with `TooLarge` before
+//! anything is sent: it was not applied. With the default limit every request that is sent
+//! reaches the frontend, whose client frame limit is never below it, and a key or value over
+//! the cluster's limits gets the frontend's `TooLarge` (see
+//! [`walkv_shared::rpc::CLIENT_MAX_FRAME_DEFAULT`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 use tarpc::client::Config as RpcConfig;
-use walkv_shared::rpc::FrontendClient;
+use walkv_shared::rpc::{request_frame_bytes, FrontendClient};
 use walkv_shared::transport::{connect, context_with_timeout, unix_micros};
 use walkv_shared::types::{
     ClusterStatus, KeyValue, NodeId, Versioned, WatchBatch, WriteOp, WriteRequest,
@@ -145,6 +153,20 @@ impl Client {
         &self.id
     }
 
+    /// Refuses a request carrying `strings` whose frame could exceed `max_frame_bytes`:
+    /// the codec would fail to send it and close the connection, which reads as a lost
+    /// request (retried, then an unknown outcome) although nothing left the client.
+    fn check_request_size(&self, strings: &[&str]) -> Result<(), KvError> {
+        let limit = self.config.max_frame_bytes;
+        if request_frame_bytes(strings) as u64 > limit {
+            return Err(KvError::TooLarge {
+                what: "request (as JSON, over the client's max_frame_bytes)".into(),
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     fn next_op_no(&mut self) -> u64 {
         self.last_op_no = (self.last_op_no + 1).max(unix_micros());
         self.last_op_no
@@ -191,6 +213,12 @@ impl Client {
     }
 
     async fn write(&mut self, op: WriteOp) -> Result<Seq, KvError> {
+        match &op {
+            WriteOp::Put { key, value } | WriteOp::Cas { key, value, .. } => {
+                self.check_request_size(&[&self.id, key, value])?
+            }
+            WriteOp::Delete { key } => self.check_request_size(&[&self.id, key])?,
+        }
         let req = WriteRequest {
             client: self.id.clone(),
             op_no: self.next_op_no(),
@@ -236,6 +264,7 @@ impl Client {
 
     /// Reads `key` (linearizable).
     pub async fn get(&mut self, key: &str) -> Result<Versioned, KvError> {
+        self.check_request_size(&[&self.id, key])?;
         let (id, key) = (self.id.clone(), key.to_string());
         self.with_retries(|rpc, ctx| {
             let (id, key) = (id.clone(), key.clone());
@@ -247,6 +276,7 @@ impl Client {
 
     /// Keys starting with `prefix`, in key order, at most `limit`.
     pub async fn scan(&mut self, prefix: &str, limit: u32) -> Result<Vec<KeyValue>, KvError> {
+        self.check_request_size(&[&self.id, prefix])?;
         let (id, prefix) = (self.id.clone(), prefix.to_string());
         self.with_retries(|rpc, ctx| {
             let (id, prefix) = (id.clone(), prefix.clone());
@@ -266,6 +296,7 @@ impl Client {
         max: u32,
         wait: Duration,
     ) -> Result<WatchBatch, KvError> {
+        self.check_request_size(&[prefix])?;
         let wait_ms = wait.as_millis().min(u32::MAX as u128) as u32;
         // The frontend may hold the call for `wait` before it starts answering.
         let deadline = self.config.request_timeout() + wait;
@@ -296,5 +327,48 @@ impl Client {
         })
         .await
         .map_err(|(e, _)| e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request over the client's frame limit is refused before anything is sent, so no
+    /// frontend is needed to see it; a request within the limit goes on and meets the
+    /// closed port (unavailable, not too large).
+    #[tokio::test]
+    async fn a_request_over_the_frame_limit_is_refused_before_sending() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let frontend = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let config = ClientConfig {
+            frontend,
+            max_frame_bytes: 4096,
+            retry_deadline_ms: 1,
+            ..ClientConfig::default()
+        };
+        let mut c = Client::with_connection("small", Connection::new(config)).unwrap();
+        let big = "v".repeat(4096);
+        // Control characters are counted as JSON writes them: six bytes each.
+        let escaped = "\u{1}".repeat(700);
+        for refused in [
+            c.put("k", &big).await.map(|_| ()),
+            c.put("k", &escaped).await.map(|_| ()),
+            c.cas("k", Seq(0), &big).await.map(|_| ()),
+            c.delete(&big).await.map(|_| ()),
+            c.get(&big).await.map(|_| ()),
+            c.scan(&big, 1).await.map(|_| ()),
+            c.watch(&big, Seq(0), 1, Duration::ZERO).await.map(|_| ()),
+        ] {
+            match refused {
+                Err(KvError::TooLarge { limit, .. }) => assert_eq!(limit, 4096),
+                other => panic!("expected TooLarge, got {other:?}"),
+            }
+        }
+        match c.put("k", &"v".repeat(3000)).await {
+            Err(KvError::Unavailable(_)) => {}
+            other => panic!("expected Unavailable from the closed port, got {other:?}"),
+        }
     }
 }

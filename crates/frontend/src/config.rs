@@ -229,13 +229,15 @@ impl Config {
     }
 
     /// Largest client frame accepted: room for a write whose client id, key and value are
-    /// at their limits and all control characters (JSON writes each in 6 bytes), plus slack.
-    /// So a request within the limits always arrives, and a moderately oversized value
-    /// reaches the server and gets a typed `TooLarge` instead of a dropped connection;
-    /// anything beyond is a malformed frame and closes that connection only.
+    /// at their limits and all control characters (JSON writes each in 6 bytes), plus slack,
+    /// and never below a client's default frame limit. So a request within the limits always
+    /// arrives, and an oversized value that a client sends reaches the server and gets a
+    /// typed `TooLarge` instead of a dropped connection (the client refuses larger requests
+    /// itself); anything beyond is a malformed frame and closes that connection only.
     pub fn client_max_frame(&self) -> usize {
         let strings = 2 * self.max_key_bytes as usize + self.max_value_bytes as usize;
-        walkv_shared::rpc::JSON_ESCAPE_MAX * strings + FRAME_SLACK_BYTES
+        let needed = walkv_shared::rpc::JSON_ESCAPE_MAX * strings + FRAME_SLACK_BYTES;
+        needed.max(walkv_shared::rpc::CLIENT_MAX_FRAME_DEFAULT)
     }
 }
 

@@ -214,6 +214,22 @@ pub fn append_bytes(client: &str, op: &WriteOp) -> usize {
     RECORD_FIELDS_BYTES + json_str_len(client) + json_str_len(op.key()) + value
 }
 
+/// A client's default `max_frame_bytes`, for what it sends and receives. The frontend's
+/// client frame limit is never below it, so every request a client with the default
+/// sends reaches the frontend and is answered (with `TooLarge` when over a limit) instead
+/// of closing the connection; a larger request is refused by the client before sending.
+pub const CLIENT_MAX_FRAME_DEFAULT: usize = 16 << 20;
+
+/// Room a client request frame takes besides its strings: tarpc's envelope (request id,
+/// deadline, trace context, method name) and the write's own fields at their longest.
+pub const REQUEST_ENVELOPE_BYTES: usize = 512;
+
+/// An upper bound on the frame of a client request carrying `strings` (the client id, key,
+/// value or prefix), as JSON: their escaped lengths plus [`REQUEST_ENVELOPE_BYTES`].
+pub fn request_frame_bytes(strings: &[&str]) -> usize {
+    REQUEST_ENVELOPE_BYTES + strings.iter().map(|s| json_str_len(s)).sum::<usize>()
+}
+
 /// Bytes of keys and values, as JSON (escaping included), above which a node answers a
 /// scan of more than one key with `TooLarge` instead of a frame it could not send (one key
 /// always fits: a node's frame limit holds one maximal value escaped). Scans have no
@@ -452,6 +468,58 @@ mod tests {
                 written <= counted && counted - written < RECORD_FIELDS_BYTES,
                 "{written} vs {counted}"
             );
+        }
+    }
+
+    /// The bound must hold for the frame tarpc really sends: the request envelope with a
+    /// full trace context, the largest ids, and every write kind and read.
+    #[test]
+    fn request_frame_bytes_bounds_the_client_frame() {
+        let worst = "\u{1}".repeat(1000);
+        let client = "c\"".repeat(300);
+        let frame = |message: FrontendRequest| {
+            let mut context = tarpc::context::current();
+            context.trace_context.trace_id = tarpc::trace::TraceId::from(u128::MAX);
+            context.trace_context.span_id = tarpc::trace::SpanId::from(u64::MAX);
+            let request = tarpc::ClientMessage::Request(tarpc::Request {
+                context,
+                id: u64::MAX,
+                message,
+            });
+            serde_json::to_vec(&request).unwrap().len()
+        };
+        let write = |op: WriteOp| FrontendRequest::Write {
+            req: WriteRequest {
+                client: client.clone(),
+                op_no: u64::MAX,
+                op,
+            },
+        };
+        let cases = [
+            (
+                write(WriteOp::Cas {
+                    key: worst.clone(),
+                    value: worst.clone(),
+                    expected: Seq(u64::MAX),
+                }),
+                request_frame_bytes(&[&client, &worst, &worst]),
+            ),
+            (
+                write(WriteOp::Delete { key: worst.clone() }),
+                request_frame_bytes(&[&client, &worst]),
+            ),
+            (
+                FrontendRequest::Scan {
+                    client: client.clone(),
+                    prefix: worst.clone(),
+                    limit: u32::MAX,
+                },
+                request_frame_bytes(&[&client, &worst]),
+            ),
+        ];
+        for (message, counted) in cases {
+            let written = frame(message);
+            assert!(written <= counted, "{written} vs {counted}");
         }
     }
 
