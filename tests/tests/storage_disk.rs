@@ -5,7 +5,8 @@
 //! - a bit flip in the middle of the WAL makes the node refuse to start, naming file and
 //!   offset, unless `--discard-corrupt-tail` is given, which starts on the shortened log;
 //! - a second process on the same data directory refuses to start;
-//! - `storage wal verify` and `storage wal dump` work on a real data directory.
+//! - `storage wal verify` and `storage wal dump` work on a real data directory;
+//! - a snapshot transfer finishes although a newer snapshot removes its file midway.
 
 mod storage_common;
 
@@ -13,8 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use storage_common::*;
-use walkv_shared::KvError;
-use walkv_tests::process::TestDir;
+use walkv_shared::rpc::{FetchReply, StorageClient};
+use walkv_shared::transport::context_with_timeout;
+use walkv_shared::types::KeyValue;
+use walkv_shared::{KvError, Seq};
+use walkv_tests::process::{wait_until_async, TestDir};
 
 /// How long a node may take to exit after a fatal error or SIGTERM.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -283,4 +287,136 @@ async fn verify_and_dump_a_real_data_dir() {
         .collect();
     assert_eq!(seqs, (snap_seq + 1..=25).collect::<Vec<_>>());
     assert_eq!(lines.last().unwrap()["key"], "k25");
+}
+
+/// How long a node may take to write a snapshot of a few dozen keys.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The seq of the node's newest snapshot (0 if none): `fetch` from seq 1 is sent to it.
+async fn snapshot_seq(client: &StorageClient) -> u64 {
+    match client
+        .fetch(context_with_timeout(RPC_TIMEOUT), TOKEN.into(), Seq(1), 1)
+        .await
+        .expect("fetch rpc")
+        .expect("fetch")
+    {
+        FetchReply::SnapshotNeeded { snapshot_seq, .. } => snapshot_seq.0,
+        FetchReply::Records(_) => 0,
+    }
+}
+
+/// One `snapshot_page` of up to three keys.
+async fn page(
+    client: &StorageClient,
+    seq: u64,
+    after: Option<String>,
+) -> Result<walkv_shared::rpc::SnapshotPage, KvError> {
+    client
+        .snapshot_page(
+            context_with_timeout(RPC_TIMEOUT),
+            TOKEN.into(),
+            Seq(seq),
+            after,
+            3,
+        )
+        .await
+        .expect("snapshot_page rpc")
+}
+
+/// Property: a catch-up copying a snapshot page by page gets the whole snapshot it started,
+/// even when the node writes a newer one meanwhile and removes the old file. Each page
+/// opened the file by name, so the next page failed ("snapshot ... is gone") and the catch-up
+/// started over; under steady writes a large store could then never finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_transfer_outlives_the_file_a_newer_snapshot_removes() {
+    let dir = TestDir::new("storage-snapshot-transfer");
+    let data = dir.path().join("data");
+    let mut node = spawn_node(dir.path(), "s", &data, "snapshot_every = 10", &[]);
+    let client = connect_ready(&mut node).await;
+    let mut next = 1;
+    let mut append_to = |client: StorageClient, upto: u64| {
+        let from = next;
+        next = next.max(upto + 1);
+        async move {
+            for seq in from..=upto {
+                append(&client, vec![record(seq, 20)])
+                    .await
+                    .expect("append");
+            }
+        }
+    };
+    append_to(client.clone(), 40).await;
+    assert!(
+        wait_until_async(SNAPSHOT_TIMEOUT, || async {
+            snapshot_seq(&client).await > 0
+        })
+        .await,
+        "no snapshot after 40 records:\n{}",
+        node.process.log_tail(20)
+    );
+    // The snapshot `fetch` names may be replaced before the first page is asked for (the
+    // node may still be writing snapshots of the 40 records): then start over, as a
+    // catch-up does.
+    let mut start = None;
+    for _ in 0..10 {
+        let seq = snapshot_seq(&client).await;
+        match page(&client, seq, None).await {
+            Ok(p) => {
+                start = Some((seq, p));
+                break;
+            }
+            Err(KvError::InvalidInput(why)) if why.contains("is gone") => continue,
+            Err(e) => panic!("first page of seq {seq}: {e}"),
+        }
+    }
+    let (first, opening) = start.expect("a first page within 10 tries");
+    let mut got: Vec<KeyValue> = Vec::new();
+    assert_eq!(opening.seq, Seq(first));
+    assert!(
+        !opening.done,
+        "three keys of {first} are not the whole snapshot"
+    );
+    got.extend(opening.items);
+
+    // Writes go on until a newer snapshot has replaced the one being copied on disk.
+    let old_file = data.join(format!("snapshot-{first:020}.json"));
+    for round in 1..=20u64 {
+        append_to(client.clone(), 40 + 20 * round).await;
+        let replaced = wait_until_async(Duration::from_secs(1), || async {
+            snapshot_seq(&client).await > first && !old_file.exists()
+        })
+        .await;
+        if replaced {
+            break;
+        }
+        assert!(round < 20, "no newer snapshot replaced seq {first}");
+    }
+
+    loop {
+        let after = got.last().map(|kv| kv.key.clone());
+        let p = page(&client, first, after).await.unwrap_or_else(|e| {
+            panic!(
+                "the transfer of seq {first} broke off after {} keys: {e}",
+                got.len()
+            )
+        });
+        assert_eq!(p.seq, Seq(first));
+        got.extend(p.items);
+        if p.done {
+            break;
+        }
+    }
+    let mut want: Vec<String> = (1..=first).map(|seq| format!("k{seq}")).collect();
+    want.sort();
+    assert_eq!(
+        got.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>(),
+        want
+    );
+    for kv in &got {
+        let seq: u64 = kv.key[1..].parse().unwrap();
+        assert_eq!(
+            (kv.value.as_str(), kv.version),
+            (value_for(seq, 20).as_str(), Seq(seq))
+        );
+    }
 }

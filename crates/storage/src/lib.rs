@@ -27,6 +27,7 @@
 
 pub mod config;
 pub mod metrics;
+pub mod page_cursors;
 pub mod registration;
 pub mod server;
 pub mod snapshot;

@@ -4,9 +4,11 @@
 //! (`append`, `truncate`, `install_snapshot`) go to the WAL writer, which does epoch
 //! fencing, skip/gap checks, the fsync and the apply; reads go straight to the store
 //! under a short read lock, after waiting (bounded by `read_wait_ms`) until the node has
-//! applied `min_seq`. Nothing here does file IO except `snapshot_page`, which streams the
-//! newest snapshot file on a blocking thread.
+//! applied `min_seq`. Nothing here does file IO except `snapshot_page`, which streams a
+//! snapshot file on a blocking thread and keeps it open for the rest of the transfer
+//! ([`crate::page_cursors`]), so a newer snapshot removing it does not cut the copy off.
 
+use crate::page_cursors::PageCursors;
 use crate::snapshot;
 use crate::store::SnapshotData;
 use crate::wal::writer::{NodeState, WalWriter};
@@ -50,9 +52,9 @@ struct Inner {
     max_value_bytes: usize,
     /// A snapshot being received chunk by chunk (`install_snapshot`).
     install: tokio::sync::Mutex<Option<SnapshotData>>,
-    /// Where the last `snapshot_page` stopped: (snapshot seq, last key sent, file offset),
-    /// so the next page of the same transfer resumes there instead of re-reading the file.
-    page_cursor: std::sync::Mutex<Option<(Seq, String, u64)>>,
+    /// The snapshot transfers in progress (`snapshot_page`): the file each keeps open, so
+    /// a newer snapshot does not cut it off, and the offset its next page starts at.
+    page_cursors: std::sync::Mutex<PageCursors>,
 }
 
 /// Limits the server enforces on incoming records.
@@ -77,7 +79,7 @@ impl StorageServer {
         limits: Limits,
     ) -> StorageServer {
         let inner = Inner {
-            page_cursor: std::sync::Mutex::new(None),
+            page_cursors: std::sync::Mutex::new(PageCursors::default()),
             id,
             instance,
             token,
@@ -133,20 +135,12 @@ impl StorageServer {
         Ok(())
     }
 
-    fn cursor(&self) -> std::sync::MutexGuard<'_, Option<(Seq, String, u64)>> {
-        // Only a hint (a wrong offset costs time, never correctness): ignore poisoning.
+    fn cursors(&self) -> std::sync::MutexGuard<'_, PageCursors> {
+        // Only open files and offsets (a lost cursor costs a re-read): ignore poisoning.
         self.inner
-            .page_cursor
+            .page_cursors
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The file offset to resume a snapshot transfer at, if the last page ended at `after`.
-    fn page_resume(&self, seq: Seq, after: Option<&str>) -> Option<u64> {
-        match (self.cursor().as_ref(), after) {
-            (Some((s, key, at)), Some(after)) if *s == seq && key == after => Some(*at),
-            _ => None,
-        }
     }
 
     fn value_of(op: &walkv_shared::Op) -> Option<&str> {
@@ -274,24 +268,32 @@ impl Storage for StorageServer {
         self.auth(&token)?;
         let dir = self.inner.state.dir.clone();
         let max = (max as usize).clamp(1, MAX_PAGE_ITEMS);
-        let resume = self.page_resume(snapshot_seq, after_key.as_deref());
+        let now = std::time::Instant::now();
+        let open = self.cursors().take(snapshot_seq, after_key.as_deref(), now);
         let page = tokio::task::spawn_blocking(move || {
             let path = dir.join(snapshot::snapshot_name(snapshot_seq));
-            snapshot::read_page_at(
+            let (file, resume) = match open {
+                Some(open) => open,
+                None => (Arc::new(std::fs::File::open(&path)?), None),
+            };
+            let first = after_key.is_none();
+            snapshot::read_page_from(
+                &file,
                 &path,
                 after_key.as_deref(),
                 max,
                 SNAPSHOT_PAGE_MAX_BYTES,
                 resume,
             )
-            .map(|(h, items, done, next)| (h, items, done, after_key.is_none(), next))
+            .map(|(h, items, done, next)| (file, h, items, done, first, next))
         })
         .await
         .map_err(|e| KvError::Internal(format!("snapshot page task failed: {e}")))?;
         match page {
-            Ok((h, items, done, first, next)) => {
-                if let Some(last) = items.last() {
-                    *self.cursor() = Some((snapshot_seq, last.key.clone(), next));
+            Ok((file, h, items, done, first, next)) => {
+                if let (false, Some(last)) = (done, items.last()) {
+                    self.cursors()
+                        .remember(snapshot_seq, file, last.key.clone(), next, now);
                 }
                 let clients = if first { h.clients } else { Vec::new() };
                 Ok(SnapshotPage {
@@ -303,10 +305,15 @@ impl Storage for StorageServer {
                 })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let newest = self.inner.state.store().snapshot_pos().seq;
-                Err(KvError::InvalidInput(format!(
-                    "snapshot at seq {snapshot_seq} is gone; the newest is at seq {newest}"
-                )))
+                let newest = snapshot::list(&self.inner.state.dir)
+                    .ok()
+                    .and_then(|all| all.last().map(|(seq, _)| *seq));
+                Err(KvError::InvalidInput(match newest {
+                    Some(newest) => format!(
+                        "snapshot at seq {snapshot_seq} is gone; the newest is at seq {newest}"
+                    ),
+                    None => format!("snapshot at seq {snapshot_seq} is gone; there is none"),
+                }))
             }
             Err(e) => Err(KvError::Io(format!(
                 "cannot read snapshot at seq {snapshot_seq}: {e}"

@@ -314,29 +314,47 @@ pub fn read_page(
     max: usize,
     max_bytes: usize,
 ) -> io::Result<(Header, Vec<KeyValue>, bool)> {
-    read_page_at(path, after_key, max, max_bytes, None).map(|(h, items, done, _)| (h, items, done))
+    let file = std::fs::File::open(path)?;
+    read_page_from(&file, path, after_key, max, max_bytes, None)
+        .map(|(h, items, done, _)| (h, items, done))
 }
 
-/// [`read_page`] that starts reading key lines at byte `resume` (the offset the previous
-/// page returned) instead of the first key line, so paging through a snapshot of n keys
-/// reads the file once instead of O(n²/page) lines. Keys at or below `after_key` are still
-/// skipped, so a wrong offset can only cost time, never return a key twice. Returns the
-/// offset of the first line not consumed.
-pub fn read_page_at(
-    path: &Path,
+/// Reads a file from a position of its own (`pread`), leaving the file's shared offset alone.
+struct ReadAt<'a> {
+    file: &'a std::fs::File,
+    pos: u64,
+}
+
+impl io::Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// [`read_page`] from an open snapshot file (`name` labels errors), starting to read key
+/// lines at byte `resume` (the offset the previous page returned) instead of the first key
+/// line, so paging through a snapshot of n keys reads the file once instead of O(n²/page)
+/// lines. Keys at or below `after_key` are still skipped, so a wrong offset can only cost
+/// time, never return a key twice. Reads by position, so several transfers can share one
+/// open file. Returns the offset of the first line not consumed.
+pub fn read_page_from(
+    file: &std::fs::File,
+    name: &Path,
     after_key: Option<&str>,
     max: usize,
     max_bytes: usize,
     resume: Option<u64>,
 ) -> io::Result<(Header, Vec<KeyValue>, bool, u64)> {
-    use std::io::{Seek, SeekFrom};
     let bad = |e: String| {
         io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{}: {e}", path.display()),
+            format!("{}: {e}", name.display()),
         )
     };
-    let mut reader = io::BufReader::new(std::fs::File::open(path)?);
+    let mut reader = io::BufReader::new(ReadAt { file, pos: 0 });
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
         return Err(bad("empty".into()));
@@ -344,7 +362,7 @@ pub fn read_page_at(
     let header: Header = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
     let mut offset = line.len() as u64;
     if let Some(at) = resume.filter(|&at| at > offset) {
-        reader.seek(SeekFrom::Start(at))?;
+        reader = io::BufReader::new(ReadAt { file, pos: at });
         offset = at;
     }
     let mut items = Vec::new();
@@ -479,11 +497,14 @@ mod tests {
         assert_eq!(seen, s.scan("", usize::MAX));
 
         // Resuming at the returned offset gives the same pages; a stale offset (from the
-        // start) still skips what was already sent.
+        // start) still skips what was already sent. The open file keeps serving pages after
+        // the snapshot is removed from the directory, as a newer one removes it.
+        let file = std::fs::File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
         let (mut after, mut at, mut resumed) = (None::<String>, None, Vec::new());
         loop {
             let (_, items, done, next) =
-                read_page_at(&path, after.as_deref(), 7, usize::MAX, at).unwrap();
+                read_page_from(&file, &path, after.as_deref(), 7, usize::MAX, at).unwrap();
             after = items.last().map(|kv| kv.key.clone()).or(after);
             at = Some(next);
             resumed.extend(items);
@@ -493,7 +514,7 @@ mod tests {
         }
         assert_eq!(resumed, seen);
         let (_, from_start, _, _) =
-            read_page_at(&path, Some("k010"), 3, usize::MAX, Some(0)).unwrap();
+            read_page_from(&file, &path, Some("k010"), 3, usize::MAX, Some(0)).unwrap();
         assert_eq!(from_start[0].key, "k011");
     }
 
@@ -512,10 +533,11 @@ mod tests {
         let path = write(dir.path(), &s.snapshot_data()).unwrap();
         let json = |kv: &KeyValue| serde_json::to_string(kv).unwrap().len() + 1;
         let max_bytes = 20_000;
+        let file = std::fs::File::open(&path).unwrap();
         let (mut after, mut at, mut pages) = (None::<String>, None, Vec::new());
         loop {
             let (_, items, done, next) =
-                read_page_at(&path, after.as_deref(), 1000, max_bytes, at).unwrap();
+                read_page_from(&file, &path, after.as_deref(), 1000, max_bytes, at).unwrap();
             after = items.last().map(|kv| kv.key.clone()).or(after);
             at = Some(next);
             pages.push(items);

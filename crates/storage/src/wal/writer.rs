@@ -796,14 +796,17 @@ fn write_snapshot(state: &NodeState, data: SnapshotData) {
     let started = std::time::Instant::now();
     let pos = data.pos;
     let keys = data.items.len();
-    match snapshot::write(&state.dir, &data)
-        .and_then(|_| snapshot::remove_superseded(&state.dir, pos.seq))
-    {
+    // The store moves to the new snapshot (so `fetch` names it) before the older files
+    // are removed: the other order left a moment in which `fetch` named a snapshot that was
+    // already gone, and a catch-up that asked for it then started over.
+    let written = snapshot::write(&state.dir, &data).map(|_| {
+        // The guard is a temporary of this statement: the records are freed after the
+        // lock is released.
+        let compacted = state.store_mut().compacted(pos);
+        drop(compacted);
+    });
+    match written.and_then(|()| snapshot::remove_superseded(&state.dir, pos.seq)) {
         Ok(()) => {
-            // The guard is a temporary of this statement: the records are freed after the
-            // lock is released.
-            let compacted = state.store_mut().compacted(pos);
-            drop(compacted);
             crate::metrics::METRICS.snapshots.inc();
             info!(seq = %pos.seq, keys, ms = started.elapsed().as_millis() as u64, "snapshot written, older WAL segments removed");
         }
