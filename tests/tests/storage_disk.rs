@@ -305,6 +305,13 @@ async fn snapshot_seq(client: &StorageClient) -> u64 {
     }
 }
 
+/// Appends the test records of `seqs`, one per call.
+async fn append_range(client: &StorageClient, seqs: std::ops::RangeInclusive<u64>) {
+    for seq in seqs {
+        append(client, vec![record(seq, 20)]).await.expect("append");
+    }
+}
+
 /// One `snapshot_page` of up to three keys.
 async fn page(
     client: &StorageClient,
@@ -333,19 +340,7 @@ async fn a_snapshot_transfer_outlives_the_file_a_newer_snapshot_removes() {
     let data = dir.path().join("data");
     let mut node = spawn_node(dir.path(), "s", &data, "snapshot_every = 10", &[]);
     let client = connect_ready(&mut node).await;
-    let mut next = 1;
-    let mut append_to = |client: StorageClient, upto: u64| {
-        let from = next;
-        next = next.max(upto + 1);
-        async move {
-            for seq in from..=upto {
-                append(&client, vec![record(seq, 20)])
-                    .await
-                    .expect("append");
-            }
-        }
-    };
-    append_to(client.clone(), 40).await;
+    append_range(&client, 1..=40).await;
     assert!(
         wait_until_async(SNAPSHOT_TIMEOUT, || async {
             snapshot_seq(&client).await > 0
@@ -381,7 +376,7 @@ async fn a_snapshot_transfer_outlives_the_file_a_newer_snapshot_removes() {
     // Writes go on until a newer snapshot has replaced the one being copied on disk.
     let old_file = data.join(format!("snapshot-{first:020}.json"));
     for round in 1..=20u64 {
-        append_to(client.clone(), 40 + 20 * round).await;
+        append_range(&client, 21 + 20 * round..=40 + 20 * round).await;
         let replaced = wait_until_async(Duration::from_secs(1), || async {
             snapshot_seq(&client).await > first && !old_file.exists()
         })

@@ -94,21 +94,21 @@ impl PageCursors {
             }
         }
     }
-
-    /// How many transfers are tracked.
-    pub fn len(&self) -> usize {
-        self.open.len()
-    }
-
-    /// Whether no transfer is tracked.
-    pub fn is_empty(&self) -> bool {
-        self.open.is_empty()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl PageCursors {
+        fn len(&self) -> usize {
+            self.open.len()
+        }
+
+        fn is_empty(&self) -> bool {
+            self.open.is_empty()
+        }
+    }
 
     fn file() -> Arc<File> {
         Arc::new(tempfile::tempfile().unwrap())
