@@ -7,6 +7,7 @@
 //!
 //! - [`types`]: newtypes (`Seq`, `Epoch`, `NodeId`) and the data carried by requests.
 //! - [`record`]: the replicated log entry and its one-JSON-line-with-checksum encoding.
+//! - [`json`]: JSON strings and integers written and measured as `serde_json` does, faster.
 //! - [`error`]: `KvError`, the typed error every RPC returns.
 //! - [`rpc`]: the three tarpc services: `Frontend` (client → frontend), `Registry`
 //!   (storage → frontend) and `Storage` (frontend → storage).
@@ -26,6 +27,7 @@ pub mod config;
 pub mod conn;
 pub mod error;
 pub mod idle_poll;
+pub mod json;
 pub mod memory;
 pub mod record;
 pub mod rpc;

@@ -193,16 +193,7 @@ pub const BATCH_MAX_BYTES: usize = 1 << 20;
 /// The length of `s` as a JSON string, quotes included, exactly as serde_json writes it:
 /// `"` and `\` take two bytes, a control character two (`\n`, `\t`, ...) or six
 /// (`\u0001`), every other byte one (non-ASCII text is written as it is).
-pub fn json_str_len(s: &str) -> usize {
-    2 + s
-        .bytes()
-        .map(|b| match b {
-            b'"' | b'\\' | 0x08 | 0x09 | 0x0a | 0x0c | 0x0d => 2,
-            0x00..=0x1f => JSON_ESCAPE_MAX,
-            _ => 1,
-        })
-        .sum::<usize>()
-}
+pub use crate::json::str_len as json_str_len;
 
 /// Bytes a write adds to an append frame: its key, value and client id as JSON strings
 /// plus [`RECORD_FIELDS_BYTES`]. The measure behind [`BATCH_MAX_BYTES`].
@@ -409,35 +400,6 @@ pub struct Digest {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn json_str_len_is_what_serde_json_writes() {
-        // Every ASCII byte alone, then mixed strings with multi-byte text.
-        for b in 0u8..=0x7f {
-            let s = (b as char).to_string();
-            assert_eq!(
-                json_str_len(&s),
-                serde_json::to_string(&s).unwrap().len(),
-                "byte {b:#x}"
-            );
-        }
-        let mut x: u32 = 12345;
-        for len in [0, 1, 7, 100, 1000] {
-            let s: String = (0..len)
-                .map(|_| {
-                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-                    [
-                        'a', '\u{1}', '"', '\\', '\n', 'ü', '€', '\u{1f}', ' ', '\u{7f}',
-                    ][(x >> 16) as usize % 10]
-                })
-                .collect();
-            assert_eq!(
-                json_str_len(&s),
-                serde_json::to_string(&s).unwrap().len(),
-                "{s:?}"
-            );
-        }
-    }
 
     #[test]
     fn append_bytes_bounds_a_record_as_the_append_frame_carries_it() {

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
+use walkv_shared::json;
 use walkv_shared::rpc::ClientEntry;
 use walkv_shared::types::{KeyValue, LogPosition, Outcome};
 use walkv_shared::{Epoch, Seq};
@@ -105,12 +106,7 @@ pub fn encode_to(data: &SnapshotData, out: &mut impl Write) -> io::Result<()> {
     serde_json::to_writer(&mut line, &header)?;
     put_line(&mut line, &mut crc, out)?;
     for (key, (value, version)) in &data.items {
-        let kv = KeyValueRef {
-            key,
-            value,
-            version: *version,
-        };
-        serde_json::to_writer(&mut line, &kv)?;
+        key_line(&mut line, key, value, *version);
         put_line(&mut line, &mut crc, out)?;
     }
     let footer = Footer {
@@ -143,12 +139,17 @@ struct HeaderOut<'a> {
     tombstones: Lines<'a, TombstoneMap>,
 }
 
-/// A `KeyValue` line as written, borrowing the key and value from the map.
-#[derive(Serialize)]
-struct KeyValueRef<'a> {
-    key: &'a str,
-    value: &'a str,
-    version: Seq,
+/// Appends a key line without its newline: `{"key":K,"value":V,"version":N}`, written by
+/// hand (byte for byte what `serde_json` writes, checked by a test), because a snapshot
+/// writes one per key and `serde_json` spent most of the snapshot's time escaping values.
+fn key_line(line: &mut Vec<u8>, key: &str, value: &str, version: Seq) {
+    line.extend_from_slice(b"{\"key\":");
+    json::write_str(line, key);
+    line.extend_from_slice(b",\"value\":");
+    json::write_str(line, value);
+    line.extend_from_slice(b",\"version\":");
+    json::write_u64(line, version.0);
+    line.push(b'}');
 }
 
 /// A `KeyValue` line as read: borrows from the file's bytes unless a string has escapes.
@@ -401,6 +402,40 @@ mod tests {
     use crate::store::tests::{put, rec};
     use crate::store::Store;
     use walkv_shared::types::WriteOp;
+
+    #[test]
+    fn a_key_line_is_what_serde_json_writes() {
+        #[derive(Serialize)]
+        struct Line<'a> {
+            key: &'a str,
+            value: &'a str,
+            version: Seq,
+        }
+        let texts = [
+            "",
+            "k",
+            "a 100-byte value? ".repeat(6).leak(),
+            "q\"\\\u{1}\n",
+            "ü😀",
+        ];
+        for (i, key) in texts.iter().enumerate() {
+            for value in texts {
+                let version = Seq(i as u64 * 1_000_003);
+                let mut line = Vec::new();
+                key_line(&mut line, key, value, version);
+                let expected = serde_json::to_vec(&Line {
+                    key,
+                    value,
+                    version,
+                })
+                .unwrap();
+                assert_eq!(
+                    String::from_utf8(line).unwrap(),
+                    String::from_utf8(expected).unwrap()
+                );
+            }
+        }
+    }
 
     #[test]
     fn round_trip_and_corruption() {
