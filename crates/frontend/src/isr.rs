@@ -7,8 +7,12 @@
 //! performs the RPCs and the state-file write, and reports back.
 //!
 //! Roles (as shown by `status`):
-//! - `in_sync`: in the persisted ISR and registered (has a live session);
-//! - `catching_up`: registered but not in the ISR (it never serves reads);
+//! - `in_sync`: in the persisted ISR and registered (has a live session), unless it lost
+//!   its disk ([`crate::catchup::lost_its_disk`]): such a member holds nothing it can vouch
+//!   for, recovery does not count it, and it shows as `catching_up` until it has copied the
+//!   log and joined again;
+//! - `catching_up`: registered but not in the ISR, or a member that lost its disk (it never
+//!   serves reads);
 //! - `down`: known (in the ISR, or registered once) but without a live session.
 //!
 //! Invariants:
@@ -424,7 +428,11 @@ impl Membership {
             .map(|id| {
                 let n = self.nodes.get(id);
                 let live = n.is_some_and(|n| n.session.is_some());
-                let role = match (live, self.state.isr.contains(id)) {
+                let member = self.state.isr.contains(id)
+                    && !n.is_some_and(|n| {
+                        crate::catchup::lost_its_disk(&self.state.isr, id, n.highest_epoch)
+                    });
+                let role = match (live, member) {
                     (false, _) => NodeRole::Down,
                     (true, true) => NodeRole::InSync,
                     (true, false) => NodeRole::CatchingUp,
@@ -578,6 +586,36 @@ mod tests {
         assert_eq!(
             roles,
             vec![("a".into(), NodeRole::InSync), ("b".into(), NodeRole::Down)]
+        );
+    }
+
+    #[test]
+    fn a_member_that_lost_its_disk_is_not_shown_in_sync() {
+        // The persisted ISR is a, b; b comes back wiped (epoch 0) while recovery waits.
+        let now = Instant::now();
+        let mut m = Membership::new(State {
+            isr: [id("a"), id("b")].into(),
+            ..State::default()
+        });
+        m.accept_register(&reg("a", 1), now);
+        let wiped = RegisterRequest {
+            pos: LogPosition::default(),
+            highest_epoch: Some(Epoch(0)),
+            ..reg("b", 2)
+        };
+        m.accept_register(&wiped, now);
+        let roles: Vec<_> = m
+            .status(Seq(5), 1, now)
+            .nodes
+            .iter()
+            .map(|n| (n.id.0.clone(), n.role))
+            .collect();
+        assert_eq!(
+            roles,
+            vec![
+                ("a".into(), NodeRole::InSync),
+                ("b".into(), NodeRole::CatchingUp)
+            ]
         );
     }
 
