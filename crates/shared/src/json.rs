@@ -54,55 +54,65 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
-    let (mut run_start, mut i) = (0, 0);
-    while i < bytes.len() {
-        if let Some(word) = bytes.get(i..i + 8) {
-            let word = u64::from_le_bytes(word.try_into().expect("eight bytes"));
-            if !needs_escape(word) {
-                i += 8;
-                continue;
-            }
+    // Bytes before `plain_from` are written; from there on, up to the next escape, they
+    // need no escaping and go in one copy.
+    let mut plain_from = 0;
+    for_each_escape(bytes, |i| {
+        if plain_from < i {
+            out.extend_from_slice(&bytes[plain_from..i]);
         }
         let b = bytes[i];
-        let escape = ESCAPE[usize::from(b)];
-        if escape != 0 {
-            out.extend_from_slice(&bytes[run_start..i]);
-            out.extend_from_slice(&[b'\\', escape]);
-            if escape == b'u' {
-                out.extend_from_slice(&[
-                    b'0',
-                    b'0',
-                    HEX[usize::from(b >> 4)],
-                    HEX[usize::from(b & 0xf)],
-                ]);
-            }
-            run_start = i + 1;
+        match ESCAPE[usize::from(b)] {
+            b'u' => out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ]),
+            letter => out.extend_from_slice(&[b'\\', letter]),
         }
-        i += 1;
-    }
-    out.extend_from_slice(&bytes[run_start..]);
+        plain_from = i + 1;
+    });
+    out.extend_from_slice(&bytes[plain_from..]);
     out.push(b'"');
+}
+
+/// Calls `f` with the index of every byte of `bytes` that JSON escapes, in order: eight
+/// bytes at a time where none is, one at a time through a word that has one.
+#[inline]
+fn for_each_escape(bytes: &[u8], mut f: impl FnMut(usize)) {
+    let mut words = bytes.chunks_exact(8);
+    let mut at = 0;
+    for word in &mut words {
+        if needs_escape(u64::from_le_bytes(word.try_into().expect("eight bytes"))) {
+            for (j, &b) in word.iter().enumerate() {
+                if ESCAPE[usize::from(b)] != 0 {
+                    f(at + j);
+                }
+            }
+        }
+        at += 8;
+    }
+    for (j, &b) in words.remainder().iter().enumerate() {
+        if ESCAPE[usize::from(b)] != 0 {
+            f(at + j);
+        }
+    }
 }
 
 /// Bytes [`write_str`] appends for `s`: its length as a JSON string, quotes included.
 pub fn str_len(s: &str) -> usize {
     let bytes = s.as_bytes();
-    let (mut len, mut i) = (2 + bytes.len(), 0);
-    while i < bytes.len() {
-        if let Some(word) = bytes.get(i..i + 8) {
-            let word = u64::from_le_bytes(word.try_into().expect("eight bytes"));
-            if !needs_escape(word) {
-                i += 8;
-                continue;
-            }
-        }
-        len += match ESCAPE[usize::from(bytes[i])] {
-            0 => 0,
-            b'u' => 5,
-            _ => 1,
+    let mut len = 2 + bytes.len();
+    for_each_escape(bytes, |i| {
+        len += if ESCAPE[usize::from(bytes[i])] == b'u' {
+            5
+        } else {
+            1
         };
-        i += 1;
-    }
+    });
     len
 }
 
