@@ -119,6 +119,31 @@ async fn a_snapshot_of_escaped_values_catches_up_in_pages_that_fit() {
         assert!(compacted, "{} wrote no snapshot", n.id);
     }
     let before = cluster.status().await.expect("status").epoch;
+    // What the source will copy: its newest snapshot, whose header holds the table.
+    let newest = std::fs::read_dir(&cluster.nodes[0].data_dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("snapshot-")
+        })
+        .max()
+        .expect("a snapshot file");
+    let header = std::io::BufRead::lines(std::io::BufReader::new(
+        std::fs::File::open(&newest).unwrap(),
+    ))
+    .next()
+    .unwrap()
+    .unwrap();
+    assert!(
+        header.len() > 8 << 20,
+        "{} holds a table of {} bytes, not more than a frame",
+        newest.display(),
+        header.len()
+    );
     let logged = cluster.frontend.log().len();
     cluster.nodes[2].process.restart();
     cluster.wait_in_sync(3).await;
@@ -136,6 +161,100 @@ async fn a_snapshot_of_escaped_values_catches_up_in_pages_that_fit() {
     assert_undisturbed(&cluster, before, "the catch-up").await;
     let digest = cluster.wait_converged().await;
     assert_eq!(digest.keys, 6);
+}
+
+/// A catch-up copies a snapshot whose exactly-once table is larger than a storage node's
+/// frame (8 MiB): client ids of 1000 control characters, six bytes each as JSON. The
+/// table went whole on the first snapshot page, the source closed the connection on that
+/// frame, and the catch-up failed on every attempt; now it comes in pages of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exactly_once_table_larger_than_a_frame_catches_up_in_pages() {
+    use futures::stream::{self, StreamExt};
+    use walkv_shared::rpc::FrontendClient;
+    use walkv_shared::transport::{connect, context_with_timeout};
+    use walkv_shared::types::{WriteOp, WriteRequest};
+
+    // Snapshots come every max(500, keys / 2) records: the newest covers 1500 of them,
+    // a 9 MB table.
+    const CLIENTS: usize = 2400;
+    let mut cluster = TestCluster::start(ClusterOptions {
+        snapshot_every: 500,
+        ..Default::default()
+    })
+    .await;
+    cluster.nodes[2].process.kill();
+    // One connection, a distinct client id per write (as HTTP clients naming themselves
+    // with X-Walkv-Client would).
+    let transport = connect(&cluster.client_addr, Duration::from_secs(5), 16 << 20)
+        .await
+        .expect("connect to the frontend");
+    let rpc = FrontendClient::new(Default::default(), transport).spawn();
+    let prefix = "\u{1}".repeat(1000);
+    let written = stream::iter(0..CLIENTS)
+        .map(|i| {
+            let (rpc, client) = (rpc.clone(), format!("{prefix}{i}"));
+            async move {
+                let req = WriteRequest {
+                    client,
+                    op_no: 1,
+                    op: WriteOp::Put {
+                        key: format!("t{i}"),
+                        value: "v".into(),
+                    },
+                };
+                rpc.write(context_with_timeout(Duration::from_secs(10)), req)
+                    .await
+                    .expect("write rpc")
+                    .expect("write")
+            }
+        })
+        .buffer_unordered(32)
+        .count()
+        .await;
+    assert_eq!(written, CLIENTS);
+    for n in &cluster.nodes[..2] {
+        let compacted = wait_until_async(CONVERGE_TIMEOUT, || async {
+            n.process.log().contains("snapshot written")
+        })
+        .await;
+        assert!(compacted, "{} wrote no snapshot", n.id);
+    }
+    // What the source will copy: its newest snapshot, whose header holds the table.
+    let newest = std::fs::read_dir(&cluster.nodes[0].data_dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("snapshot-")
+        })
+        .max()
+        .expect("a snapshot file");
+    let header = std::io::BufRead::lines(std::io::BufReader::new(
+        std::fs::File::open(&newest).unwrap(),
+    ))
+    .next()
+    .unwrap()
+    .unwrap();
+    assert!(
+        header.len() > 8 << 20,
+        "{} holds a table of {} bytes, not more than a frame",
+        newest.display(),
+        header.len()
+    );
+    let logged = cluster.frontend.log().len();
+    cluster.nodes[2].process.restart();
+    cluster.wait_in_sync(3).await;
+    let log = cluster.frontend.log()[logged..].to_string();
+    assert!(
+        log.contains("copying snapshot"),
+        "the catch-up did not copy a snapshot:\n{log}"
+    );
+    // The digest covers the exactly-once table: the restarted node has all of it.
+    let digest = cluster.wait_converged().await;
+    assert_eq!(digest.keys, CLIENTS as u64);
 }
 
 /// Every node still in sync and no recovery since `epoch`.

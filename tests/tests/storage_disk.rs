@@ -325,6 +325,7 @@ async fn page(
             Seq(seq),
             after,
             3,
+            None,
         )
         .await
         .expect("snapshot_page rpc")

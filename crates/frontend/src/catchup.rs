@@ -541,13 +541,29 @@ async fn copy_snapshot(
     max: u32,
 ) -> Result<LogPosition, Stop> {
     let mut after: Option<String> = None;
+    // The exactly-once table comes first, in pages of its own when it is large.
+    let mut after_client: Option<String> = None;
     let mut first = true;
     let mut installed = 0u64;
     loop {
         let page = cluster
             .pool
-            .snapshot_page(source, snapshot_seq, after.clone(), max)
+            .snapshot_page(
+                source,
+                snapshot_seq,
+                after.clone(),
+                after_client.clone(),
+                max,
+            )
             .await?;
+        if page.items.is_empty() && !page.done {
+            let Some(last) = page.clients.last() else {
+                return Err(Stop::Failed(KvError::Internal(format!(
+                    "{source} sent an empty snapshot page for seq {snapshot_seq} that is not the last"
+                ))));
+            };
+            after_client = Some(last.client.clone());
+        }
         after = page.items.last().map(|kv| kv.key.clone()).or(after);
         let n = page.items.len() as u64;
         let chunk = SnapshotChunk {

@@ -298,16 +298,18 @@ impl Pool {
         .await
     }
 
-    /// One `snapshot_page`.
+    /// One `snapshot_page`: keys after `after`, or while `after` is `None`, the
+    /// exactly-once table's entries after `after_client` first.
     pub async fn snapshot_page(
         &self,
         id: &NodeId,
         seq: Seq,
         after: Option<String>,
+        after_client: Option<String>,
         max: u32,
     ) -> Result<SnapshotPage, KvError> {
         self.call(id, self.timeout, |c, ctx, t| async move {
-            c.snapshot_page(ctx, t, seq, after, max).await
+            c.snapshot_page(ctx, t, seq, after, max, after_client).await
         })
         .await
     }

@@ -404,6 +404,8 @@ impl Storage for Fake {
         snapshot_seq: Seq,
         after_key: Option<String>,
         max: u32,
+        // The whole table goes on the first page, as a node did before the table was paged.
+        _after_client: Option<String>,
     ) -> Result<SnapshotPage, KvError> {
         self.check(&token)?;
         if max > self.snapshot_page_fits.load(Ordering::SeqCst) {

@@ -82,12 +82,19 @@ pub trait Storage {
     async fn truncate(token: String, epoch: Epoch, after: Seq) -> Result<LogPosition, KvError>;
     /// Up to `max` records starting at `from`, or `SnapshotNeeded` when they were compacted.
     async fn fetch(token: String, from: Seq, max: u32) -> Result<FetchReply, KvError>;
-    /// One page of the node's latest snapshot at `snapshot_seq`, keys after `after_key`.
+    /// One page of the node's snapshot at `snapshot_seq`: first its exactly-once table,
+    /// then its keys after `after_key`, each page under [`SNAPSHOT_PAGE_MAX_BYTES`] (plus
+    /// one entry). While `after_key` is `None`, the page starts with the table's entries
+    /// after `after_client`; a page that carries entries but no keys and is not `done`
+    /// stopped inside the table: ask again with its last client id as `after_client`.
+    /// (`after_client` comes last and may be absent: a caller that never sends it gets the
+    /// table on the first page, as before, as long as it fits.)
     async fn snapshot_page(
         token: String,
         snapshot_seq: Seq,
         after_key: Option<String>,
         max: u32,
+        after_client: Option<String>,
     ) -> Result<SnapshotPage, KvError>;
     /// Receives one chunk of a snapshot; the last chunk replaces the node's state and log.
     async fn install_snapshot(
@@ -363,7 +370,8 @@ pub struct SnapshotPage {
     pub epoch: Epoch,
     /// Keys in order.
     pub items: Vec<KeyValue>,
-    /// The exactly-once table, on the first page only (`after_key == None`).
+    /// Entries of the exactly-once table, in client order, only on pages asked for with
+    /// `after_key == None` (see `Storage::snapshot_page`).
     pub clients: Vec<ClientEntry>,
     /// No keys after this page.
     pub done: bool,

@@ -264,6 +264,7 @@ impl Storage for StorageServer {
         snapshot_seq: Seq,
         after_key: Option<String>,
         max: u32,
+        after_client: Option<String>,
     ) -> Result<SnapshotPage, KvError> {
         self.auth(&token)?;
         let dir = self.inner.state.dir.clone();
@@ -276,33 +277,50 @@ impl Storage for StorageServer {
                 Some(open) => open,
                 None => (Arc::new(std::fs::File::open(&path)?), None),
             };
-            let first = after_key.is_none();
-            snapshot::read_page_from(
-                &file,
-                &path,
-                after_key.as_deref(),
-                max,
-                SNAPSHOT_PAGE_MAX_BYTES,
-                resume,
-            )
-            .map(|(h, items, done, next)| (file, h, items, done, first, next))
+            // Before the first key, the exactly-once table: in pages of its own while it
+            // does not fit, then its last entries with the first keys.
+            let (mut clients, mut key_bytes) = (Vec::new(), SNAPSHOT_PAGE_MAX_BYTES);
+            if after_key.is_none() {
+                let header = snapshot::read_header_from(&file, &path)?;
+                let (page, bytes, complete) = snapshot::clients_page(
+                    header.clients,
+                    after_client.as_deref(),
+                    SNAPSHOT_PAGE_MAX_BYTES,
+                );
+                if !complete {
+                    let page = SnapshotPage {
+                        seq: header.seq,
+                        epoch: header.epoch,
+                        items: Vec::new(),
+                        clients: page,
+                        done: false,
+                    };
+                    return Ok((file, page, None));
+                }
+                clients = page;
+                key_bytes = SNAPSHOT_PAGE_MAX_BYTES.saturating_sub(bytes);
+            }
+            snapshot::read_page_from(&file, &path, after_key.as_deref(), max, key_bytes, resume)
+                .map(|(h, items, done, next)| {
+                    let page = SnapshotPage {
+                        seq: h.seq,
+                        epoch: h.epoch,
+                        items,
+                        clients,
+                        done,
+                    };
+                    (file, page, Some(next))
+                })
         })
         .await
         .map_err(|e| KvError::Internal(format!("snapshot page task failed: {e}")))?;
         match page {
-            Ok((file, h, items, done, first, next)) => {
-                if let (false, Some(last)) = (done, items.last()) {
+            Ok((file, page, next)) => {
+                if let (false, Some(last), Some(next)) = (page.done, page.items.last(), next) {
                     self.cursors()
                         .remember(snapshot_seq, file, last.key.clone(), next, now);
                 }
-                let clients = if first { h.clients } else { Vec::new() };
-                Ok(SnapshotPage {
-                    seq: h.seq,
-                    epoch: h.epoch,
-                    items,
-                    clients,
-                    done,
-                })
+                Ok(page)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let newest = snapshot::list(&self.inner.state.dir)

@@ -320,6 +320,38 @@ pub fn read_page(
         .map(|(h, items, done, _)| (h, items, done))
 }
 
+/// The exactly-once table's part of a snapshot page: the entries of `clients` after
+/// `after` in client order, stopping before their JSON passes `max_bytes` (the first
+/// always goes, so paging progresses). Returns them, their bytes as JSON, and whether
+/// they end the table. The table rides on the first pages of a transfer, before any key:
+/// sent whole, a table of a few hundred thousand client ids outgrew a node's frame, and a
+/// catch-up by snapshot failed for good. Pure.
+pub fn clients_page(
+    mut clients: Vec<ClientEntry>,
+    after: Option<&str>,
+    max_bytes: usize,
+) -> (Vec<ClientEntry>, usize, bool) {
+    clients.retain(|c| after.is_none_or(|a| c.client.as_str() > a));
+    clients.sort_unstable_by(|a, b| a.client.cmp(&b.client));
+    let mut bytes = 0;
+    let mut taken = 0;
+    for c in &clients {
+        // An entry serialises into memory without fail; +1 for the separating comma.
+        let b = serde_json::to_vec(c)
+            .expect("a client entry serialises")
+            .len()
+            + 1;
+        if taken > 0 && bytes + b > max_bytes {
+            break;
+        }
+        bytes += b;
+        taken += 1;
+    }
+    let complete = taken == clients.len();
+    clients.truncate(taken);
+    (clients, bytes, complete)
+}
+
 /// Reads a file from a position of its own (`pread`), leaving the file's shared offset alone.
 struct ReadAt<'a> {
     file: &'a std::fs::File,
@@ -333,6 +365,30 @@ impl io::Read for ReadAt<'_> {
         self.pos += n as u64;
         Ok(n)
     }
+}
+
+/// The header of an open snapshot file (`name` labels errors), read by position.
+pub fn read_header_from(file: &std::fs::File, name: &Path) -> io::Result<Header> {
+    let mut reader = io::BufReader::new(ReadAt { file, pos: 0 });
+    read_header_line(&mut reader, &mut String::new(), name)
+}
+
+/// Reads the first line into `line` and parses it as the header.
+fn read_header_line(
+    reader: &mut impl BufRead,
+    line: &mut String,
+    name: &Path,
+) -> io::Result<Header> {
+    let bad = |e: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {e}", name.display()),
+        )
+    };
+    if reader.read_line(line)? == 0 {
+        return Err(bad("empty".into()));
+    }
+    serde_json::from_str(line).map_err(|e| bad(e.to_string()))
 }
 
 /// [`read_page`] from an open snapshot file (`name` labels errors), starting to read key
@@ -357,10 +413,7 @@ pub fn read_page_from(
     };
     let mut reader = io::BufReader::new(ReadAt { file, pos: 0 });
     let mut line = String::new();
-    if reader.read_line(&mut line)? == 0 {
-        return Err(bad("empty".into()));
-    }
-    let header: Header = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
+    let header = read_header_line(&mut reader, &mut line, name)?;
     let mut offset = line.len() as u64;
     if let Some(at) = resume.filter(|&at| at > offset) {
         reader = io::BufReader::new(ReadAt { file, pos: at });
@@ -435,6 +488,50 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_client_table_comes_in_pages_that_fit() {
+        let outcome = Outcome::Written { version: Seq(1) };
+        let entry = |i: usize| ClientEntry {
+            client: format!("client-{i:05}-{}", "\u{1}".repeat(100)),
+            op_no: i as u64,
+            outcome: outcome.clone(),
+        };
+        // Out of order on purpose: pages follow client order whatever the input's.
+        let table: Vec<ClientEntry> = (0..500).rev().map(entry).collect();
+        let one = serde_json::to_vec(&entry(0)).unwrap().len() + 1;
+        let bound = 40 * one + one / 2;
+        let (mut got, mut after) = (Vec::new(), None::<String>);
+        loop {
+            let (page, bytes, complete) = clients_page(table.clone(), after.as_deref(), bound);
+            assert!(!page.is_empty(), "every page makes progress");
+            assert!(
+                bytes <= bound,
+                "a page of {bytes} bytes passed the bound {bound}"
+            );
+            assert_eq!(
+                bytes,
+                page.iter()
+                    .map(|c| serde_json::to_vec(c).unwrap().len() + 1)
+                    .sum::<usize>()
+            );
+            after = page.last().map(|c| c.client.clone());
+            got.extend(page);
+            if complete {
+                break;
+            }
+        }
+        assert_eq!(got, (0..500).map(entry).collect::<Vec<_>>());
+        // One entry larger than the bound still goes, alone.
+        let (page, _, complete) = clients_page(table.clone(), None, 1);
+        assert_eq!((page.len(), complete), (1, false));
+        // Past the last entry: nothing left, and the table is complete.
+        let last = entry(499).client;
+        assert_eq!(
+            clients_page(table, Some(&last), bound),
+            (Vec::new(), 0, true)
+        );
     }
 
     #[test]

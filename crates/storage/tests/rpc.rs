@@ -162,7 +162,7 @@ async fn rpc_surface() {
     let mut first = true;
     loop {
         let page = c
-            .snapshot_page(ctx(), TOKEN.into(), snapshot_seq, after.clone(), 7)
+            .snapshot_page(ctx(), TOKEN.into(), snapshot_seq, after.clone(), 7, None)
             .await
             .unwrap()
             .unwrap();
