@@ -18,6 +18,7 @@
 //!
 //! Pure bookkeeping: opening and reading the files is the caller's.
 
+use crate::snapshot::Resume;
 use std::fs::File;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,8 +37,8 @@ struct Cursor {
     file: Arc<File>,
     /// The last key the transfer was sent.
     after: String,
-    /// The file offset of the first line not sent yet.
-    offset: u64,
+    /// Where its next page starts.
+    resume: Resume,
     used: Instant,
 }
 
@@ -57,12 +58,12 @@ impl PageCursors {
         seq: Seq,
         after: Option<&str>,
         now: Instant,
-    ) -> Option<(Arc<File>, Option<u64>)> {
+    ) -> Option<(Arc<File>, Option<Resume>)> {
         self.open.retain(|c| now.duration_since(c.used) < IDLE);
         let exact = after.and_then(|a| self.open.iter().position(|c| c.seq == seq && c.after == a));
         if let Some(i) = exact {
             let c = self.open.swap_remove(i);
-            return Some((c.file, Some(c.offset)));
+            return Some((c.file, Some(c.resume)));
         }
         self.open
             .iter()
@@ -71,21 +72,21 @@ impl PageCursors {
     }
 
     /// Records that a transfer of snapshot `seq` was sent up to `after`, and that its next
-    /// page starts at `offset` of `file`. The least recently used cursor beyond
+    /// page starts at `resume` in `file`. The least recently used cursor beyond
     /// [`MAX_OPEN`] is dropped.
     pub fn remember(
         &mut self,
         seq: Seq,
         file: Arc<File>,
         after: String,
-        offset: u64,
+        resume: Resume,
         now: Instant,
     ) {
         self.open.push(Cursor {
             seq,
             file,
             after,
-            offset,
+            resume,
             used: now,
         });
         if self.open.len() > MAX_OPEN {
@@ -114,15 +115,22 @@ mod tests {
         Arc::new(tempfile::tempfile().unwrap())
     }
 
+    fn at(offset: u64) -> Resume {
+        Resume {
+            pos: walkv_shared::types::LogPosition::default(),
+            offset,
+        }
+    }
+
     #[test]
     fn a_transfer_resumes_where_its_last_page_stopped_in_the_file_it_started() {
         let (mut cursors, t0) = (PageCursors::default(), Instant::now());
         assert!(cursors.take(Seq(10), None, t0).is_none());
         let f = file();
-        cursors.remember(Seq(10), f.clone(), "k5".into(), 500, t0);
-        let (got, at) = cursors.take(Seq(10), Some("k5"), t0).unwrap();
+        cursors.remember(Seq(10), f.clone(), "k5".into(), at(500), t0);
+        let (got, resume) = cursors.take(Seq(10), Some("k5"), t0).unwrap();
         assert!(Arc::ptr_eq(&got, &f));
-        assert_eq!(at, Some(500));
+        assert_eq!(resume, Some(at(500)));
         // Taken out: the transfer puts its next position back, or finished and keeps nothing.
         assert!(cursors.is_empty());
     }
@@ -131,11 +139,11 @@ mod tests {
     fn another_transfer_of_the_same_snapshot_shares_the_open_file_from_the_start() {
         let (mut cursors, t0) = (PageCursors::default(), Instant::now());
         let f = file();
-        cursors.remember(Seq(10), f.clone(), "k5".into(), 500, t0);
+        cursors.remember(Seq(10), f.clone(), "k5".into(), at(500), t0);
         for after in [None, Some("k9")] {
-            let (got, at) = cursors.take(Seq(10), after, t0).unwrap();
+            let (got, resume) = cursors.take(Seq(10), after, t0).unwrap();
             assert!(Arc::ptr_eq(&got, &f));
-            assert_eq!(at, None, "another transfer's offset is not this one's");
+            assert_eq!(resume, None, "another transfer's offset is not this one's");
         }
         assert!(cursors.take(Seq(11), Some("k5"), t0).is_none());
         assert_eq!(cursors.len(), 1, "the first transfer's cursor stays");
@@ -145,8 +153,8 @@ mod tests {
     fn idle_and_surplus_cursors_are_dropped() {
         let (mut cursors, t0) = (PageCursors::default(), Instant::now());
         for i in 0..=MAX_OPEN as u64 {
-            let at = t0 + Duration::from_secs(i);
-            cursors.remember(Seq(i), file(), "k".into(), i, at);
+            let when = t0 + Duration::from_secs(i);
+            cursors.remember(Seq(i), file(), "k".into(), at(i), when);
         }
         assert_eq!(cursors.len(), MAX_OPEN);
         let late = t0 + Duration::from_secs(1);

@@ -301,10 +301,10 @@ impl Storage for StorageServer {
                 key_bytes = SNAPSHOT_PAGE_MAX_BYTES.saturating_sub(bytes);
             }
             snapshot::read_page_from(&file, &path, after_key.as_deref(), max, key_bytes, resume)
-                .map(|(h, items, done, next)| {
+                .map(|(items, done, next)| {
                     let page = SnapshotPage {
-                        seq: h.seq,
-                        epoch: h.epoch,
+                        seq: next.pos.seq,
+                        epoch: next.pos.epoch,
                         items,
                         clients,
                         done,

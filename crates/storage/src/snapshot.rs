@@ -314,10 +314,21 @@ pub fn read_page(
     after_key: Option<&str>,
     max: usize,
     max_bytes: usize,
-) -> io::Result<(Header, Vec<KeyValue>, bool)> {
+) -> io::Result<(LogPosition, Vec<KeyValue>, bool)> {
     let file = std::fs::File::open(path)?;
     read_page_from(&file, path, after_key, max, max_bytes, None)
-        .map(|(h, items, done, _)| (h, items, done))
+        .map(|(items, done, next)| (next.pos, items, done))
+}
+
+/// Where the next page of a transfer starts: the offset of its first key line, and the
+/// position the snapshot covers, read from the header by the transfer's first page, so
+/// later pages need not parse the header again (it holds the whole exactly-once table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resume {
+    /// The last record the snapshot covers.
+    pub pos: LogPosition,
+    /// Byte offset of the first line not sent yet.
+    pub offset: u64,
 }
 
 /// The exactly-once table's part of a snapshot page: the entries of `clients` after
@@ -391,36 +402,51 @@ fn read_header_line(
     serde_json::from_str(line).map_err(|e| bad(e.to_string()))
 }
 
-/// [`read_page`] from an open snapshot file (`name` labels errors), starting to read key
-/// lines at byte `resume` (the offset the previous page returned) instead of the first key
-/// line, so paging through a snapshot of n keys reads the file once instead of O(n²/page)
-/// lines. Keys at or below `after_key` are still skipped, so a wrong offset can only cost
-/// time, never return a key twice. Reads by position, so several transfers can share one
-/// open file. Returns the offset of the first line not consumed.
+/// [`read_page`] from an open snapshot file (`name` labels errors). With `resume` (what
+/// the previous page returned) it starts at that key line and skips the header, so paging
+/// through a snapshot of n keys reads the file once instead of O(n²/page) lines, and the
+/// header, which holds the whole exactly-once table, is parsed once per transfer instead
+/// of once per page. Keys at or below `after_key` are still skipped, so an offset behind
+/// the right line can only cost time, never return a key twice. Reads by position, so
+/// several transfers can share one open file. Returns the keys, whether they end the
+/// snapshot, and where the next page starts (with the position the snapshot covers).
 pub fn read_page_from(
     file: &std::fs::File,
     name: &Path,
     after_key: Option<&str>,
     max: usize,
     max_bytes: usize,
-    resume: Option<u64>,
-) -> io::Result<(Header, Vec<KeyValue>, bool, u64)> {
+    resume: Option<Resume>,
+) -> io::Result<(Vec<KeyValue>, bool, Resume)> {
     let bad = |e: String| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("{}: {e}", name.display()),
         )
     };
-    let mut reader = io::BufReader::new(ReadAt { file, pos: 0 });
     let mut line = String::new();
-    let header = read_header_line(&mut reader, &mut line, name)?;
-    let mut offset = line.len() as u64;
-    if let Some(at) = resume.filter(|&at| at > offset) {
-        reader = io::BufReader::new(ReadAt { file, pos: at });
-        offset = at;
-    }
+    let (mut reader, Resume { pos, mut offset }) = match resume {
+        Some(at) => (
+            io::BufReader::new(ReadAt {
+                file,
+                pos: at.offset,
+            }),
+            at,
+        ),
+        None => {
+            let mut reader = io::BufReader::new(ReadAt { file, pos: 0 });
+            let header = read_header_line(&mut reader, &mut line, name)?;
+            let pos = LogPosition {
+                epoch: header.epoch,
+                seq: header.seq,
+            };
+            let offset = line.len() as u64;
+            (reader, Resume { pos, offset })
+        }
+    };
     let mut items = Vec::new();
     let mut bytes = 0usize;
+    let next = |offset| Resume { pos, offset };
     loop {
         line.clear();
         let n = reader.read_line(&mut line)?;
@@ -428,10 +454,10 @@ pub fn read_page_from(
             return Err(bad("no footer".into()));
         }
         if line.as_bytes().starts_with(FOOTER_PREFIX) {
-            return Ok((header, items, true, offset));
+            return Ok((items, true, next(offset)));
         }
         if items.len() == max {
-            return Ok((header, items, false, offset));
+            return Ok((items, false, next(offset)));
         }
         let kv: KeyValue = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
         if after_key.is_some_and(|a| kv.key.as_str() <= a) {
@@ -441,7 +467,7 @@ pub fn read_page_from(
         // The line is the item as JSON, as the answer carries it: stop before the page
         // outgrows the bound, leaving this line to the next page.
         if !items.is_empty() && bytes + n > max_bytes {
-            return Ok((header, items, false, offset));
+            return Ok((items, false, next(offset)));
         }
         offset += n as u64;
         bytes += n;
@@ -618,8 +644,8 @@ mod tests {
         let mut after: Option<String> = None;
         let mut seen = Vec::new();
         loop {
-            let (h, items, done) = read_page(&path, after.as_deref(), 7, usize::MAX).unwrap();
-            assert_eq!(h.seq, Seq(25));
+            let (pos, items, done) = read_page(&path, after.as_deref(), 7, usize::MAX).unwrap();
+            assert_eq!(pos.seq, Seq(25));
             after = items.last().map(|kv| kv.key.clone()).or(after);
             seen.extend(items);
             if done {
@@ -635,7 +661,7 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         let (mut after, mut at, mut resumed) = (None::<String>, None, Vec::new());
         loop {
-            let (_, items, done, next) =
+            let (items, done, next) =
                 read_page_from(&file, &path, after.as_deref(), 7, usize::MAX, at).unwrap();
             after = items.last().map(|kv| kv.key.clone()).or(after);
             at = Some(next);
@@ -645,9 +671,11 @@ mod tests {
             }
         }
         assert_eq!(resumed, seen);
-        let (_, from_start, _, _) =
-            read_page_from(&file, &path, Some("k010"), 3, usize::MAX, Some(0)).unwrap();
+        let (_, _, first_key) = read_page_from(&file, &path, None, 0, usize::MAX, None).unwrap();
+        let (from_start, _, next) =
+            read_page_from(&file, &path, Some("k010"), 3, usize::MAX, Some(first_key)).unwrap();
         assert_eq!(from_start[0].key, "k011");
+        assert_eq!(next.pos.seq, Seq(25), "the position comes with the resume");
     }
 
     /// Pages are bounded by their items' bytes as JSON, escaping included, as well as by
@@ -668,7 +696,7 @@ mod tests {
         let file = std::fs::File::open(&path).unwrap();
         let (mut after, mut at, mut pages) = (None::<String>, None, Vec::new());
         loop {
-            let (_, items, done, next) =
+            let (items, done, next) =
                 read_page_from(&file, &path, after.as_deref(), 1000, max_bytes, at).unwrap();
             after = items.last().map(|kv| kv.key.clone()).or(after);
             at = Some(next);
