@@ -119,14 +119,7 @@ async fn a_snapshot_of_escaped_values_catches_up_in_pages_that_fit() {
         assert!(compacted, "{} wrote no snapshot", n.id);
     }
     let before = cluster.status().await.expect("status").epoch;
-    let logged = cluster.frontend.log().len();
-    cluster.nodes[2].process.restart();
-    cluster.wait_in_sync(3).await;
-    let log = cluster.frontend.log()[logged..].to_string();
-    assert!(
-        log.contains("copying snapshot"),
-        "the catch-up did not copy a snapshot:\n{log}"
-    );
+    let log = restart_third_node_copying_a_snapshot(&mut cluster).await;
     for trouble in ["catch-up attempt failed", "in-sync set shrank"] {
         assert!(
             !log.contains(trouble),
@@ -201,6 +194,15 @@ async fn an_exactly_once_table_larger_than_a_frame_catches_up_in_pages() {
             newest_snapshot_header_bytes(&n.data_dir)
         );
     }
+    restart_third_node_copying_a_snapshot(&mut cluster).await;
+    // The digest covers the exactly-once table: the restarted node has all of it.
+    let digest = cluster.wait_converged().await;
+    assert_eq!(digest.keys, CLIENTS as u64);
+}
+
+/// Restarts the third storage node, waits until all three are in sync, checks that the
+/// catch-up copied a snapshot, and returns the frontend's log since the restart.
+async fn restart_third_node_copying_a_snapshot(cluster: &mut TestCluster) -> String {
     let logged = cluster.frontend.log().len();
     cluster.nodes[2].process.restart();
     cluster.wait_in_sync(3).await;
@@ -209,9 +211,7 @@ async fn an_exactly_once_table_larger_than_a_frame_catches_up_in_pages() {
         log.contains("copying snapshot"),
         "the catch-up did not copy a snapshot:\n{log}"
     );
-    // The digest covers the exactly-once table: the restarted node has all of it.
-    let digest = cluster.wait_converged().await;
-    assert_eq!(digest.keys, CLIENTS as u64);
+    log
 }
 
 /// Length of the header line of the newest snapshot in `dir` (0 when there is none).
