@@ -251,11 +251,12 @@ mod tests {
                             op_no: n * 7,
                             op,
                         };
+                        let line = encode(&r);
                         assert_eq!(
-                            String::from_utf8(encode(&r)).unwrap(),
+                            String::from_utf8(line.clone()).unwrap(),
                             String::from_utf8(serde_line(&r)).unwrap()
                         );
-                        assert_eq!(decode_line(&encode(&r)[..encode(&r).len() - 1]), Ok(r));
+                        assert_eq!(decode_line(&line[..line.len() - 1]), Ok(r));
                     }
                 }
             }

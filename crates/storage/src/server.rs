@@ -279,9 +279,10 @@ impl Storage for StorageServer {
             };
             // Before the first key, the exactly-once table: in pages of its own while it
             // does not fit, then its last entries with the first keys.
-            let (mut clients, mut key_bytes) = (Vec::new(), SNAPSHOT_PAGE_MAX_BYTES);
+            let (mut clients, mut key_bytes, mut resume) =
+                (Vec::new(), SNAPSHOT_PAGE_MAX_BYTES, resume);
             if after_key.is_none() {
-                let header = snapshot::read_header_from(&file, &path)?;
+                let (header, first_key) = snapshot::read_header_from(&file, &path)?;
                 let (page, bytes, complete) = snapshot::clients_page(
                     header.clients,
                     after_client.as_deref(),
@@ -299,6 +300,8 @@ impl Storage for StorageServer {
                 }
                 clients = page;
                 key_bytes = SNAPSHOT_PAGE_MAX_BYTES.saturating_sub(bytes);
+                // The keys start right after the header just read: no second parse.
+                resume = Some(first_key);
             }
             snapshot::read_page_from(&file, &path, after_key.as_deref(), max, key_bytes, resume)
                 .map(|(items, done, next)| {

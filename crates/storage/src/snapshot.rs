@@ -335,7 +335,7 @@ pub struct Resume {
 /// `after` in client order, stopping before their JSON passes `max_bytes` (the first
 /// always goes, so paging progresses). Returns them, their bytes as JSON, and whether
 /// they end the table. The table rides on the first pages of a transfer, before any key:
-/// sent whole, a table of a few hundred thousand client ids outgrew a node's frame, and a
+/// sent whole, a table of some 90k client ids outgrew a node's 8 MiB frame, and a
 /// catch-up by snapshot failed for good. Pure.
 pub fn clients_page(
     mut clients: Vec<ClientEntry>,
@@ -378,28 +378,41 @@ impl io::Read for ReadAt<'_> {
     }
 }
 
-/// The header of an open snapshot file (`name` labels errors), read by position.
-pub fn read_header_from(file: &std::fs::File, name: &Path) -> io::Result<Header> {
+/// The header of an open snapshot file (`name` labels errors), read by position, and
+/// where its first key line starts: pass that to [`read_page_from`] so the header is not
+/// read again.
+pub fn read_header_from(file: &std::fs::File, name: &Path) -> io::Result<(Header, Resume)> {
     let mut reader = io::BufReader::new(ReadAt { file, pos: 0 });
     read_header_line(&mut reader, &mut String::new(), name)
 }
 
-/// Reads the first line into `line` and parses it as the header.
+/// Reads the first line into `line` and parses it as the header; returns it with the
+/// position it names and the offset of the line after it.
 fn read_header_line(
     reader: &mut impl BufRead,
     line: &mut String,
     name: &Path,
-) -> io::Result<Header> {
-    let bad = |e: String| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: {e}", name.display()),
-        )
-    };
+) -> io::Result<(Header, Resume)> {
     if reader.read_line(line)? == 0 {
-        return Err(bad("empty".into()));
+        return Err(invalid(name, "empty"));
     }
-    serde_json::from_str(line).map_err(|e| bad(e.to_string()))
+    let header: Header = serde_json::from_str(line).map_err(|e| invalid(name, e))?;
+    let first_key = Resume {
+        pos: LogPosition {
+            epoch: header.epoch,
+            seq: header.seq,
+        },
+        offset: line.len() as u64,
+    };
+    Ok((header, first_key))
+}
+
+/// An `InvalidData` error naming the snapshot file.
+fn invalid(name: &Path, why: impl std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{}: {why}", name.display()),
+    )
 }
 
 /// [`read_page`] from an open snapshot file (`name` labels errors). With `resume` (what
@@ -418,12 +431,6 @@ pub fn read_page_from(
     max_bytes: usize,
     resume: Option<Resume>,
 ) -> io::Result<(Vec<KeyValue>, bool, Resume)> {
-    let bad = |e: String| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: {e}", name.display()),
-        )
-    };
     let mut line = String::new();
     let (mut reader, Resume { pos, mut offset }) = match resume {
         Some(at) => (
@@ -435,13 +442,8 @@ pub fn read_page_from(
         ),
         None => {
             let mut reader = io::BufReader::new(ReadAt { file, pos: 0 });
-            let header = read_header_line(&mut reader, &mut line, name)?;
-            let pos = LogPosition {
-                epoch: header.epoch,
-                seq: header.seq,
-            };
-            let offset = line.len() as u64;
-            (reader, Resume { pos, offset })
+            let (_, first_key) = read_header_line(&mut reader, &mut line, name)?;
+            (reader, first_key)
         }
     };
     let mut items = Vec::new();
@@ -451,7 +453,7 @@ pub fn read_page_from(
         line.clear();
         let n = reader.read_line(&mut line)?;
         if n == 0 || !line.ends_with('\n') {
-            return Err(bad("no footer".into()));
+            return Err(invalid(name, "no footer"));
         }
         if line.as_bytes().starts_with(FOOTER_PREFIX) {
             return Ok((items, true, next(offset)));
@@ -459,7 +461,7 @@ pub fn read_page_from(
         if items.len() == max {
             return Ok((items, false, next(offset)));
         }
-        let kv: KeyValue = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
+        let kv: KeyValue = serde_json::from_str(&line).map_err(|e| invalid(name, e))?;
         if after_key.is_some_and(|a| kv.key.as_str() <= a) {
             offset += n as u64;
             continue;
